@@ -1,0 +1,1 @@
+"""The node, behind narrow typed interfaces: the only code that touches the host."""

@@ -1,0 +1,110 @@
+"""The netlink seam: typed link and VF facts, and the narrow interface the daemon uses.
+
+Two implementations exist: `host.netlink.PyrouteNetlink` (pyroute2, a real node) and
+`sim.netlink.SimNetlink` (the simulated node's kernel). The daemon only sees `Netlink`.
+Links and VFs are named by what is stable: a link by its ifname (resolved at the moment of use),
+a VF by (PF ifname, VF index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+LinkState = Literal["auto", "enable", "disable"]
+ZERO_GUID = "00:00:00:00:00:00:00:00"
+ZERO_MAC = "00:00:00:00:00:00"
+
+# ARPHRD_* values as read from /sys/class/net/X/type
+ARPHRD_ETHER = 1
+ARPHRD_INFINIBAND = 32
+
+
+class NetlinkError(OSError):
+    """A netlink request the kernel refused; `errno` says why (ENODEV, EBUSY, EINVAL...)."""
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel holds for one netdev now."""
+
+    ifindex: int
+    name: str
+    mtu: int
+    up: bool  # administrative state (IFF_UP)
+    address: str  # MAC (Ethernet) or 20-byte IPoIB hardware address, colon-separated
+    link_type: int  # ARPHRD_*: 1 Ethernet, 32 InfiniBand
+    num_vf: int = 0
+
+
+@dataclass(frozen=True)
+class VfSettings:
+    """One VF's settings as held by its PF (IFLA_VF_*). None means 'not reported / not applicable'."""
+
+    index: int
+    mac: str | None = None
+    vlan: int = 0
+    qos: int = 0
+    spoofchk: bool | None = None
+    trust: bool | None = None
+    link_state: LinkState | None = None
+    min_tx_rate: int = 0  # Mbit/s
+    max_tx_rate: int = 0  # Mbit/s
+    node_guid: str | None = None  # IB only; colon-separated 8 bytes
+    port_guid: str | None = None
+
+
+@dataclass(frozen=True)
+class VfChange:
+    """Settings to apply to one VF through its PF; fields left None are not touched."""
+
+    mac: str | None = None
+    vlan: int | None = None
+    qos: int | None = None
+    spoofchk: bool | None = None
+    trust: bool | None = None
+    link_state: LinkState | None = None
+    min_tx_rate: int | None = None
+    max_tx_rate: int | None = None
+    node_guid: str | None = None
+    port_guid: str | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f) is None for f in self.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class LinkChange:
+    """Link-level changes on a netdev; fields left None are not touched."""
+
+    mtu: int | None = None
+    up: bool | None = None
+    address: str | None = None
+    name: str | None = None  # rename (the link must be down on a real kernel)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Netlink(Protocol):
+    """The operations the daemon performs over rtnetlink. Raise NetlinkError on refusal."""
+
+    def link(self, name: str) -> LinkInfo | None:
+        """The link called `name` now, or None if no such netdev exists."""
+        ...
+
+    def links(self) -> list[LinkInfo]:
+        """Every netdev in this network namespace."""
+        ...
+
+    def vfs(self, pf: str) -> list[VfSettings]:
+        """The VF info list of PF `pf` (IFLA_VFINFO_LIST), ordered by VF index."""
+        ...
+
+    def set_vf(self, pf: str, vf: int, change: VfChange) -> None:
+        """Apply `change` to VF `vf` of PF `pf` (IFLA_VF_* through the PF)."""
+        ...
+
+    def set_link(self, name: str, change: LinkChange) -> None:
+        """Apply link-level `change` to netdev `name`."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,127 @@
+"""Talks to a simulated node's kernel process, starting it when none runs.
+
+Standard library only: the stand-in tools (modprobe, openibd...) import this on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT_S = 15.0
+PKG_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+class SimKernelError(OSError):
+    """The simulated kernel refused a request; errno and message as a real kernel would give."""
+
+
+class NotASimulatedNode(RuntimeError):
+    pass
+
+
+def is_simulated(root: Path) -> bool:
+    return (Path(root) / ".sim" / "scenario.toml").is_file()
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for the kernel process: no umockdev preload, the package importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_PARENT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start_kernel(root: Path) -> None:
+    simdir = root / ".sim"
+    log = open(simdir / "kernel.log", "ab")  # noqa: SIM115 - handed to the child
+    subprocess.Popen(  # noqa: S603 - fixed argument list
+        [sys.executable, "-m", "mofed_lifecycle.sim.server", "--root", str(root)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        env=clean_env(), cwd=str(root),
+    )
+    log.close()
+
+
+class KernelClient:
+    """One connection to a node's kernel process; safe to share between threads."""
+
+    def __init__(self, root: str | Path, *, autostart: bool = True) -> None:
+        self.root = Path(root).resolve()
+        if not is_simulated(self.root):
+            raise NotASimulatedNode(f"{self.root} is not a simulated node (run `mofed-lifecycle "
+                                    "sim init SCENARIO --root DIR` first)")
+        self.lock = threading.Lock()
+        self.sock = self._connect(autostart)
+        self.rfile = self.sock.makefile("rb")
+
+    def _connect(self, autostart: bool) -> socket.socket:
+        path = str(self.root / ".sim" / "kernel.sock")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        started = False
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                return s
+            except OSError:
+                s.close()
+                if not autostart:
+                    raise
+                if not started:
+                    start_kernel(self.root)
+                    started = True
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the simulated kernel of {self.root} did not start within "
+                        f"{START_TIMEOUT_S:.0f}s: see {self.root}/.sim/kernel.log") from None
+                time.sleep(0.01)  # sleep-ok: waiting for the kernel process's socket, bounded
+
+    def call(self, op: str, **args: Any) -> Any:
+        """One request; if the kernel process died under us, reconnect (restarting it) once."""
+        request = json.dumps({"op": op, "args": args}).encode() + b"\n"
+        with self.lock:
+            for attempt in (1, 2):
+                try:
+                    self.sock.sendall(request)
+                    line = self.rfile.readline()
+                except OSError:
+                    line = b""
+                if line or attempt == 2:
+                    break
+                self.close()
+                self.sock = self._connect(autostart=True)
+                self.rfile = self.sock.makefile("rb")
+        if not line:
+            raise ConnectionError(f"the simulated kernel of {self.root} went away: see "
+                                  f"{self.root}/.sim/kernel.log")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise SimKernelError(reply["errno"], reply["error"])
+        return reply["result"]
+
+    def subscribe(self) -> Iterator[dict[str, str]]:
+        """udev events from now on (subscribed when this returns; the connection is given over)."""
+        self.call("subscribe")
+        return self._stream()
+
+    def _stream(self) -> Iterator[dict[str, str]]:
+        while line := self.rfile.readline():
+            yield json.loads(line)
+
+    def close(self) -> None:
+        self.rfile.close()
+        self.sock.close()
+
+    def __enter__(self) -> KernelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

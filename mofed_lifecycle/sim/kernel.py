@@ -1,0 +1,261 @@
+"""The simulated kernel's behaviour in time: SR-IOV, binding, netdevs and udev naming.
+
+Semantics follow mlx5 in legacy SR-IOV mode (`shared/scenario-format.md`, "Kernel behaviour"):
+writing `sriov_numvfs` creates VFs (EBUSY when changing between two non-zero counts), a bound VF's
+netdev appears after the scenario's delay with its kernel name and udev renames it later, admin MAC
+and GUIDs reach a VF's netdev only when its driver binds. Module loading and `openibd` live in
+`kernel_modules.py`; this class owns the clock, the event queue and the devices.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..host.netlink_types import ZERO_GUID, ZERO_MAC
+from .kernel_modules import KernelError, ModulesMixin
+from .kernel_netlink import NetlinkMixin
+from .model import ADMIN_DEFAULTS, KernelState, Netdev, Pf, Vf, ipoib_address
+from .scenario import Scenario, derived_guid, derived_mac, vf_pci
+from .tree import PCI_PARENT, Tree
+from .uevent import UeventBus
+
+__all__ = ["KernelError", "SimKernel"]
+
+
+class SimKernel(ModulesMixin, NetlinkMixin):
+    """One node's kernel: mutate only through these methods, then `advance()` the clock."""
+
+    def __init__(self, root: Path, sc: Scenario, st: KernelState, *,
+                 now: Callable[[], float] = time.time) -> None:
+        self.root, self.sc, self.st, self.now = root, sc, st, now
+        self.tree = Tree(root, sc)
+        self.bus = UeventBus(root, self._next_seqnum)
+        self.timeline = (root / ".sim" / "timeline.jsonl").open("a", buffering=1)
+        self.dirty = False
+
+    def _next_seqnum(self) -> int:
+        self.st.uevent_seqnum += 1
+        return self.st.uevent_seqnum
+
+    # ---- time ------------------------------------------------------------------------------
+    def schedule(self, delay_s: float, event: dict[str, Any]) -> None:
+        """Run `event` after `delay_s` scaled seconds (persisted: it survives a restart)."""
+        self.st.seq += 1
+        heapq.heappush(self.st.pending, [self.now() + self.sc.scaled(delay_s), self.st.seq, event])
+        self.dirty = True
+
+    def next_due(self) -> float | None:
+        return self.st.pending[0][0] if self.st.pending else None
+
+    def advance(self) -> None:
+        """Apply every pending event that is due, in time order (catches up after a restart)."""
+        while self.st.pending and self.st.pending[0][0] <= self.now():
+            _due, _seq, ev = heapq.heappop(self.st.pending)
+            getattr(self, "_ev_" + ev["kind"])(**{k: v for k, v in ev.items() if k != "kind"})
+            self.dirty = True
+
+    def note(self, what: str, **fields: Any) -> None:
+        """One line of the kernel's own timeline (what happened, when)."""
+        self.timeline.write(json.dumps({"t": round(self.now(), 6), "event": what, **fields}) + "\n")
+
+    # ---- netdevs ---------------------------------------------------------------------------
+    def _kernel_name(self, link_type: int) -> str:
+        prefix = "ib" if link_type == 32 else "eth"
+        used = {n.name for n in self.st.netdevs.values()}
+        k = 0
+        while f"{prefix}{k}" in used:
+            k += 1
+        return f"{prefix}{k}"
+
+    def _devpath(self, nd: Netdev) -> str:
+        return f"/{PCI_PARENT}/{nd.pci}/net/{nd.name}"
+
+    def _remove_netdev(self, ifindex: int | None) -> None:
+        nd = self.st.netdevs.pop(ifindex, None) if ifindex is not None else None
+        if nd is None:
+            return
+        self.tree.drop_netdev(nd)
+        if nd.named:
+            self.bus.emit("remove", self._devpath(nd), "net", INTERFACE=nd.name,
+                          IFINDEX=str(nd.ifindex))
+        self.note("netdev.removed", name=nd.name, pci=nd.pci)
+
+    def _ev_netdev_appear(self, pci: str, bind_seq: int) -> None:
+        found = self.st.function(pci)
+        if not found:
+            return
+        pf, vf = found
+        owner: Pf | Vf = vf or pf
+        if owner.bind_seq != bind_seq or owner.netdev is not None:
+            return  # unbound (or rebound) since: this event is stale
+        if vf is not None and vf.driver != "mlx5_core":
+            return
+        n = self.st.seq
+        if vf is None:
+            address = pf.mac if pf.link == "eth" else ipoib_address(derived_guid(self.sc.seed, pci, "pf", "port"))
+            final, mtu, guids = pf.name, pf.default_mtu, (None, None)
+        else:
+            a = vf.admin
+            node = a["node_guid"] if a["node_guid"] != ZERO_GUID else derived_guid(self.sc.seed, pci, n, "node")
+            port = a["port_guid"] if a["port_guid"] != ZERO_GUID else derived_guid(self.sc.seed, pci, n, "port")
+            if pf.link == "ib":
+                address, guids = ipoib_address(port), (node, port)
+            else:
+                address = a["mac"] if a["mac"] != ZERO_MAC else derived_mac(self.sc.seed, pci, f"bind{n}")
+                guids = (None, None)
+            final, mtu = pf.vf_final_name(vf.index), pf.default_mtu
+        ifindex = self.st.next_ifindex
+        self.st.next_ifindex += 1
+        name = self._kernel_name(pf.link_type) if self.sc.rename else final
+        nd = Netdev(ifindex, name, final, pci, pf.link_type, mtu, False, address, not self.sc.rename,
+                    *guids)
+        self.st.netdevs[ifindex] = nd
+        owner.netdev = ifindex
+        self.tree.netdev(nd)
+        self.note("netdev.appeared", name=name, pci=pci)
+        if self.sc.rename:
+            idx = vf.index if vf else None
+            self.schedule(self.sc.rename_delay_s(pci, idx), {"kind": "netdev_named", "ifindex": ifindex})
+        else:
+            self.bus.emit("add", self._devpath(nd), "net", INTERFACE=name, IFINDEX=str(ifindex))
+
+    def _ev_netdev_named(self, ifindex: int) -> None:
+        nd = self.st.netdevs.get(ifindex)
+        if nd is None or nd.named:
+            return
+        old, old_path = nd.name, self._devpath(nd)
+        if self.st.netdev_by_name(nd.final_name) is None:
+            nd.name = nd.final_name
+            self.tree.rename_netdev(nd, old)
+        nd.named = True
+        self.note("netdev.named", name=nd.name, old=old, pci=nd.pci)
+        self.bus.emit("add", self._devpath(nd), "net", INTERFACE=nd.name, IFINDEX=str(ifindex),
+                      INTERFACE_OLD=old)
+        if nd.name != old:
+            self.bus.emit("move", self._devpath(nd), "net", INTERFACE=nd.name,
+                          IFINDEX=str(ifindex), DEVPATH_OLD=old_path)
+
+    # ---- PCI functions and drivers ---------------------------------------------------------
+    def _bind(self, pf: Pf, vf: Vf | None, driver: str) -> None:
+        owner: Pf | Vf = vf or pf
+        if vf is not None:
+            if vf.driver is not None:
+                raise KernelError(errno.EBUSY, f"{vf.pci} is already bound to {vf.driver}")
+            if vf.driver_override and vf.driver_override != driver:
+                raise KernelError(errno.ENODEV, f"{vf.pci}: driver_override is {vf.driver_override}")
+            vf.driver = driver
+        owner.bind_seq += 1
+        self.bus.emit("bind", f"/{PCI_PARENT}/{owner.pci}", "pci", DRIVER=driver)
+        if driver == "mlx5_core":
+            idx = vf.index if vf else None
+            self.schedule(self.sc.netdev_delay_s(owner.pci, idx),
+                          {"kind": "netdev_appear", "pci": owner.pci, "bind_seq": owner.bind_seq})
+        self.tree.binding(self.st, pf, vf)
+
+    def _unbind(self, pf: Pf, vf: Vf | None) -> None:
+        owner: Pf | Vf = vf or pf
+        self._remove_netdev(owner.netdev)
+        owner.netdev = None
+        owner.bind_seq += 1
+        if vf is not None:
+            if vf.driver is None:
+                raise KernelError(errno.ENODEV, f"{vf.pci} is not bound to a driver")
+            vf.driver = None
+        self.bus.emit("unbind", f"/{PCI_PARENT}/{owner.pci}", "pci")
+        self.tree.binding(self.st, pf, vf)
+
+    def set_numvfs(self, pf: Pf, n: int) -> None:
+        if "mlx5_core" not in self.st.modules:
+            raise KernelError(errno.ENOENT, f"{pf.pci} has no driver bound")
+        if n > pf.totalvfs:
+            raise KernelError(errno.ERANGE, f"{n} VFs requested, {pf.pci} supports {pf.totalvfs}")
+        have = len(pf.vfs)
+        if n == have:
+            return
+        if n and have:
+            raise KernelError(errno.EBUSY, f"{pf.pci} already has {have} VFs: write 0 first")
+        if n == 0:
+            self.remove_vfs(pf)
+            return
+        for i in range(n):
+            vf = Vf(index=i, pci=vf_pci(pf.pci, i), driver=None, admin=dict(ADMIN_DEFAULTS))
+            pf.vfs.append(vf)
+            self.tree.function(self.st, pf, vf)
+            self.bus.emit("add", f"/{PCI_PARENT}/{vf.pci}", "pci", PCI_SLOT_NAME=vf.pci)
+            if pf.autoprobe:
+                self._bind(pf, vf, "mlx5_core")
+        self.tree.sriov(pf, bound=True)
+        self.note("sriov.numvfs", pf=pf.pci, numvfs=n, autoprobe=pf.autoprobe)
+
+    def remove_vfs(self, pf: Pf) -> None:
+        for vf in pf.vfs:
+            self._remove_netdev(vf.netdev)
+            self.tree.drop_function(vf.pci)
+            self.bus.emit("remove", f"/{PCI_PARENT}/{vf.pci}", "pci")
+        if pf.vfs:
+            self.note("sriov.numvfs", pf=pf.pci, numvfs=0)
+        pf.vfs = []
+        self.tree.sriov(pf, bound="mlx5_core" in self.st.modules)
+
+    # ---- sysfs attribute writes (the sysfs seam's simulated side) ----------------------------
+    def sysfs_write(self, rel: str, value: str) -> None:
+        """A write to the attribute `<root>/<rel>`, answered with the kernel's errno."""
+        rel = os.path.relpath(os.path.realpath(self.root / rel.lstrip("/")), self.root)
+        parts = rel.split("/")
+        v = value.strip()
+        if parts[:3] == ["sys", "bus", "pci"] and parts[3:4] == ["drivers_probe"]:
+            return self._probe(v)
+        if parts[:4] == ["sys", "bus", "pci", "drivers"] and len(parts) == 6:
+            driver, attr = parts[4], parts[5]
+            if driver == "mlx5_core" and driver not in self.st.modules:
+                raise KernelError(errno.ENOENT, f"driver {driver} is not loaded")
+            found = self.st.function(v)
+            if found is None:
+                raise KernelError(errno.ENODEV, f"no PCI device {v!r}")
+            pf, vf = found
+            if vf is None:
+                raise KernelError(errno.EOPNOTSUPP, f"{v} is a PF: (un)binding a PF is not "
+                                  "simulated (on a real node it destroys every VF)")
+            if attr == "bind":
+                return self._bind(pf, vf, driver)
+            if attr == "unbind":
+                if vf.driver != driver:
+                    raise KernelError(errno.ENODEV, f"{v} is not bound to {driver}")
+                return self._unbind(pf, vf)
+        if parts[:2] == ["sys", *PCI_PARENT.split("/")[:1]] and len(parts) == 5:
+            found = self.st.function(parts[3])
+            if found:
+                return self._device_attr(*found, parts[4], v)
+        raise KernelError(errno.EACCES, f"{rel} is not a writable attribute in the simulator")
+
+    def _device_attr(self, pf: Pf, vf: Vf | None, attr: str, v: str) -> None:
+        if attr == "driver_override" and vf is not None:
+            vf.driver_override = "" if v in ("", "(null)") else v
+            return self.tree.binding(self.st, pf, vf)
+        if vf is None and attr in ("sriov_numvfs", "sriov_drivers_autoprobe"):
+            if not v.isdigit():
+                raise KernelError(errno.EINVAL, f"{attr}: {v!r} is not a number")
+            if attr == "sriov_numvfs":
+                return self.set_numvfs(pf, int(v))
+            pf.autoprobe = int(v) != 0
+            return self.tree.sriov(pf, bound="mlx5_core" in self.st.modules)
+        raise KernelError(errno.EACCES, f"{attr} of {vf.pci if vf else pf.pci} is read-only here")
+
+    def _probe(self, pci: str) -> None:
+        found = self.st.function(pci)
+        if found is None:
+            raise KernelError(errno.ENODEV, f"no PCI device {pci!r}")
+        pf, vf = found
+        if vf is None or vf.driver is not None:
+            return
+        driver = vf.driver_override or "mlx5_core"
+        if driver == "mlx5_core" and "mlx5_core" not in self.st.modules:
+            return  # nothing to bind to: the kernel leaves it unbound
+        self._bind(pf, vf, driver)

@@ -1,0 +1,157 @@
+"""The simulated kernel's rtnetlink: link facts, link changes and VF settings through the PF.
+
+Answers carry the fields of `host.netlink_types.LinkInfo` / `VfSettings`; refusals carry the errno a
+real mlx5 kernel returns (ENODEV, EINVAL, EBUSY for renaming an up link, EOPNOTSUPP for a MAC on an
+IB VF...). VF admin settings change only the PF's view: the VF's netdev takes a new MAC or GUID at
+its next bind.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from typing import TYPE_CHECKING, Any
+
+from ..host.netlink_types import ZERO_GUID, ZERO_MAC
+from .kernel_modules import KernelError
+from .model import Netdev, Pf
+
+if TYPE_CHECKING:
+    from .kernel import SimKernel
+
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+GUID_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){7}$")
+IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
+LINK_STATES = ("auto", "enable", "disable")
+MAX_MTU = {1: 9978, 32: 4092}
+
+
+def _mac(value: Any, *, allow_zero: bool) -> str:
+    mac = str(value).lower()
+    if not MAC_RE.match(mac) or (int(mac[:2], 16) & 1) or (mac == ZERO_MAC and not allow_zero):
+        raise KernelError(errno.EINVAL, f"invalid unicast MAC address {value!r}")
+    return mac
+
+
+class NetlinkMixin:
+    """rtnetlink operations of SimKernel."""
+
+    def _netdev(self: SimKernel, name: str) -> Netdev:
+        nd = self.st.netdev_by_name(name)
+        if nd is None:
+            raise KernelError(errno.ENODEV, f"Cannot find device \"{name}\"")
+        return nd
+
+    def _pf_of(self: SimKernel, name: str) -> Pf:
+        nd = self._netdev(name)
+        pf = self.st.pfs.get(nd.pci)
+        if pf is None:
+            raise KernelError(errno.EOPNOTSUPP, f"{name} is not a PF: it has no VFs to configure")
+        return pf
+
+    def link_info(self: SimKernel, nd: Netdev) -> dict[str, Any]:
+        pf = self.st.pfs.get(nd.pci)
+        return {"ifindex": nd.ifindex, "name": nd.name, "mtu": nd.mtu, "up": nd.up,
+                "address": nd.address, "link_type": nd.link_type,
+                "num_vf": len(pf.vfs) if pf else 0}
+
+    def nl_link(self: SimKernel, name: str) -> dict[str, Any] | None:
+        nd = self.st.netdev_by_name(name)
+        return self.link_info(nd) if nd else None
+
+    def nl_links(self: SimKernel) -> list[dict[str, Any]]:
+        return [self.link_info(nd) for nd in sorted(self.st.netdevs.values(), key=lambda n: n.ifindex)]
+
+    def nl_vfs(self: SimKernel, pf_name: str) -> list[dict[str, Any]]:
+        nd = self._netdev(pf_name)
+        pf = self.st.pfs.get(nd.pci)
+        if pf is None:
+            return []
+        ib = pf.link == "ib"
+        out = []
+        for vf in pf.vfs:
+            a = vf.admin
+            out.append({
+                "index": vf.index, "mac": None if ib else a["mac"], "vlan": a["vlan"],
+                "qos": a["qos"], "spoofchk": a["spoofchk"], "trust": a["trust"],
+                "link_state": a["link_state"], "min_tx_rate": a["min_tx_rate"],
+                "max_tx_rate": a["max_tx_rate"],
+                "node_guid": a["node_guid"] if ib else None,
+                "port_guid": a["port_guid"] if ib else None,
+            })
+        return out
+
+    def nl_set_vf(self: SimKernel, pf_name: str, vf: int, change: dict[str, Any]) -> None:
+        pf = self._pf_of(pf_name)
+        if not isinstance(vf, int) or not 0 <= vf < len(pf.vfs):
+            raise KernelError(errno.EINVAL, f"{pf_name} has no VF {vf} (numvfs = {len(pf.vfs)})")
+        ib = pf.link == "ib"
+        new = dict(pf.vfs[vf].admin)
+        for key, value in change.items():
+            if value is None:
+                continue
+            if key == "mac":
+                if ib:
+                    raise KernelError(errno.EOPNOTSUPP, f"{pf_name} is InfiniBand: VFs have GUIDs")
+                new["mac"] = _mac(value, allow_zero=True)
+            elif key in ("node_guid", "port_guid"):
+                if not ib:
+                    raise KernelError(errno.EOPNOTSUPP, f"{pf_name} is Ethernet: VFs have no GUIDs")
+                if not GUID_RE.match(str(value).lower()):
+                    raise KernelError(errno.EINVAL, f"invalid GUID {value!r}")
+                new[key] = str(value).lower()
+            elif key in ("vlan", "qos", "min_tx_rate", "max_tx_rate"):
+                limit = {"vlan": 4095, "qos": 7}.get(key, 10**6)
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+                    raise KernelError(errno.EINVAL, f"{key} {value!r} out of range 0..{limit}")
+                new[key] = value
+            elif key in ("trust", "spoofchk"):
+                new[key] = bool(value)
+            elif key == "link_state":
+                if value not in LINK_STATES:
+                    raise KernelError(errno.EINVAL, f"link_state {value!r}: one of {LINK_STATES}")
+                new[key] = value
+            else:
+                raise KernelError(errno.EINVAL, f"unknown VF setting {key!r}")
+        if new["max_tx_rate"] and new["min_tx_rate"] > new["max_tx_rate"]:
+            raise KernelError(errno.EINVAL, "min_tx_rate exceeds max_tx_rate")
+        if ib and ZERO_GUID in (change.get("node_guid"), change.get("port_guid")):
+            raise KernelError(errno.EINVAL, "an all-zero GUID cannot be assigned")
+        pf.vfs[vf].admin = new
+        self.dirty = True
+
+    def nl_set_link(self: SimKernel, name: str, change: dict[str, Any]) -> None:
+        nd = self._netdev(name)
+        mtu, up, address, new_name = (change.get(k) for k in ("mtu", "up", "address", "name"))
+        if mtu is not None and not (isinstance(mtu, int) and 68 <= mtu <= MAX_MTU[nd.link_type]):
+            raise KernelError(errno.EINVAL, f"mtu {mtu!r} out of range 68..{MAX_MTU[nd.link_type]} "
+                              f"for {name}")
+        if address is not None:
+            if nd.link_type != 1:
+                raise KernelError(errno.EOPNOTSUPP, f"{name}: cannot set an IPoIB address")
+            address = _mac(address, allow_zero=False)
+        if new_name is not None and new_name != nd.name:
+            if not IFNAME_RE.match(str(new_name)):
+                raise KernelError(errno.EINVAL, f"invalid interface name {new_name!r}")
+            if self.st.netdev_by_name(new_name):
+                raise KernelError(errno.EEXIST, f"a netdev named {new_name} exists")
+            if nd.up and up is not False:
+                raise KernelError(errno.EBUSY, f"{name} is up: bring it down to rename it")
+        if up is False:
+            nd.up = False
+        if mtu is not None:
+            nd.mtu = mtu
+        if address is not None:
+            nd.address = address
+        if new_name is not None and new_name != nd.name:
+            old = nd.name
+            nd.name = nd.final_name = new_name
+            self.tree.rename_netdev(nd, old)
+            self.bus.emit("move", f"/{self.tree.dev_dir(nd.pci).relative_to(self.tree.sys)}/net/"
+                          f"{new_name}", "net", INTERFACE=new_name, IFINDEX=str(nd.ifindex),
+                          DEVPATH_OLD=f"/{self.tree.dev_dir(nd.pci).relative_to(self.tree.sys)}"
+                          f"/net/{old}")
+        if up is True:
+            nd.up = True
+        self.tree.netdev_state(nd)
+        self.dirty = True

@@ -1,0 +1,42 @@
+"""The simulated side of the netlink seam: `Netlink` answered by the node's kernel process."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..host.netlink_types import LinkChange, LinkInfo, NetlinkError, VfChange, VfSettings
+from .client import KernelClient, SimKernelError
+
+
+class SimNetlink:
+    """Same interface and errors as `host.netlink.PyrouteNetlink`, on a simulated node."""
+
+    def __init__(self, client: KernelClient) -> None:
+        self.client = client
+
+    def _call(self, what: str, op: str, **args: object) -> object:
+        try:
+            return self.client.call(op, **args)
+        except SimKernelError as e:
+            raise NetlinkError(e.errno, f"{what}: {e.strerror}") from None
+
+    def link(self, name: str) -> LinkInfo | None:
+        d = self._call(f"get {name}", "nl_link", name=name)
+        return LinkInfo(**d) if d else None
+
+    def links(self) -> list[LinkInfo]:
+        return [LinkInfo(**d) for d in self._call("list links", "nl_links")]
+
+    def vfs(self, pf: str) -> list[VfSettings]:
+        return [VfSettings(**d) for d in self._call(f"list VFs of {pf}", "nl_vfs", pf=pf)]
+
+    def set_vf(self, pf: str, vf: int, change: VfChange) -> None:
+        fields = {k: v for k, v in asdict(change).items() if v is not None}
+        self._call(f"set VF {vf} of {pf} {fields}", "nl_set_vf", pf=pf, vf=vf, change=fields)
+
+    def set_link(self, name: str, change: LinkChange) -> None:
+        fields = {k: v for k, v in asdict(change).items() if v is not None and k != "extra"}
+        self._call(f"set {fields} on {name}", "nl_set_link", name=name, change=fields)
+
+    def close(self) -> None:
+        """The client belongs to the node; it is closed with it."""

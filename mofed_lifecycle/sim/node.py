@@ -1,0 +1,75 @@
+"""`sim init`: materialise a scenario into a node root, and stop or remove a node again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import sys
+from pathlib import Path
+
+from .client import PKG_PARENT, is_simulated
+from .model import initial_state, save_state
+from .scenario import Scenario, load_scenario
+from .tools import TOOLS
+from .tree import Tree
+
+
+class NodeExists(RuntimeError):
+    pass
+
+
+def _tool_script(tool: str, root: Path) -> str:
+    return (
+        f"#!{sys.executable}\n"
+        f"# Simulated `{tool}` of the node at {root} (written by `mofed-lifecycle sim init`).\n"
+        "import sys\n"
+        f"sys.path.insert(0, {PKG_PARENT!r})\n"
+        "from mofed_lifecycle.sim.tools import main\n"
+        f"sys.exit(main({tool!r}, {str(root)!r}))\n"
+    )
+
+
+def _install_tool(path: Path, tool: str, root: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_tool_script(tool, root))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def stop_kernel(root: Path) -> bool:
+    """Stop the node's kernel process if one runs; True if one was stopped."""
+    lock = root / ".sim" / "kernel.lock"
+    try:
+        pid = int(lock.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def init_node(scenario_path: str | Path, root: str | Path, *, force: bool = False) -> Scenario:
+    """Build the node described by the scenario under `root` (empty, or a node when `force`)."""
+    sc = load_scenario(scenario_path)
+    root = Path(root).resolve()
+    if root.exists() and any(root.iterdir()):
+        if not (force and is_simulated(root)):
+            hint = " (pass --force to rebuild it)" if is_simulated(root) else ""
+            raise NodeExists(f"{root} is not empty{hint}: choose an empty or new directory")
+        stop_kernel(root)
+        shutil.rmtree(root)
+    simdir = root / ".sim"
+    simdir.mkdir(parents=True)
+    (simdir / "scenario.toml").write_text(Path(scenario_path).read_text())
+    st = initial_state(sc)
+    Tree(root, sc).render_all(st)
+    save_state(st, simdir / "kernel.json")
+    for tool in TOOLS:
+        _install_tool(simdir / "bin" / tool, tool, root)
+    _install_tool(root / "etc/init.d/openibd", "openibd", root)
+    return sc
+
+
+def tool_path(root: Path) -> str:
+    """PATH with the node's stand-in tools first."""
+    return os.pathsep.join([str(Path(root) / ".sim" / "bin"), os.environ.get("PATH", "")])

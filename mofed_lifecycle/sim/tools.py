@@ -1,0 +1,189 @@
+"""Stand-ins for the node's tools: modinfo, modprobe, rmmod, lsmod, openibd, mlnxofedctl.
+
+`sim init` writes one small executable per tool into `<root>/.sim/bin` (and `<root>/etc/init.d/
+openibd`); the daemon runs them as ordinary subprocesses. They print what the real tools print and
+exit with their codes; the kernel they act on is the node's kernel process. Standard library only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .client import KernelClient, SimKernelError
+
+TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl")
+
+
+def _kernel_release(root: Path) -> str:
+    return (root / "proc/sys/kernel/osrelease").read_text().strip()
+
+
+def _canon(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def find_module_file(root: Path, kver: str, name: str) -> Path | None:
+    """Where modprobe would find module `name`: updates/ before the kernel's own tree."""
+    base = root / "lib/modules" / kver
+    for sub in ("updates", "kernel"):
+        f = base / sub / f"{_canon(name)}.ko"
+        if f.is_file():
+            return f
+    return None
+
+
+def read_ko(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            fields[k] = v
+    return fields
+
+
+def modinfo(root: Path, argv: list[str]) -> int:
+    field, kver, names = None, _kernel_release(root), []
+    it = iter(argv)
+    for a in it:
+        if a in ("-F", "--field"):
+            field = next(it, None)
+        elif a.startswith("--field="):
+            field = a.split("=", 1)[1]
+        elif a in ("-k", "--set-version"):
+            kver = next(it, kver)
+        elif a.startswith("-"):
+            continue
+        else:
+            names.append(a)
+    if not names:
+        print("modinfo: ERROR: missing module or filename.", file=sys.stderr)
+        return 1
+    rc = 0
+    for name in names:
+        path = Path(root / name.lstrip("/")) if "/" in name else find_module_file(root, kver, name)
+        if path is None or not path.is_file():
+            print(f"modinfo: ERROR: Module {name} not found.", file=sys.stderr)
+            rc = 1
+            continue
+        info = read_ko(path)
+        if field:
+            if field in info:
+                print(info[field])
+            continue
+        for key in ("filename", "version", "srcversion", "depends", "name", "vermagic"):
+            if key in info:
+                print(f"{key + ':':<16}{info[key]}")
+    return rc
+
+
+def modprobe(root: Path, argv: list[str]) -> int:
+    remove = quiet = blacklist = all_names = False
+    names: list[str] = []
+    for a in argv:
+        if a in ("-r", "--remove"):
+            remove = True
+        elif a in ("-q", "--quiet"):
+            quiet = True
+        elif a in ("-b", "--use-blacklist"):
+            blacklist = True
+        elif a in ("-a", "--all"):
+            all_names = True
+        elif a.startswith("-"):
+            continue
+        elif "=" in a and names and not all_names:
+            continue  # a module parameter: accepted and ignored by the simulator
+        else:
+            names.append(a)
+    if not names:
+        print("modprobe: ERROR: missing module name.", file=sys.stderr)
+        return 1
+    if not (all_names or remove):
+        names = names[:1]
+    if any(n.startswith("pci:") for n in names):
+        names, blacklist = ["mlx5_core"], True  # an alias: what udev asks for on hot-plug
+    try:
+        with KernelClient(root) as k:
+            if remove:
+                k.call("modprobe_remove", names=names)
+            else:
+                k.call("modprobe", names=names, blacklist=blacklist)
+    except SimKernelError as e:
+        if not quiet:
+            level = "ERROR" if "insert" in e.strerror else "FATAL"
+            print(f"modprobe: {level}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def rmmod(root: Path, argv: list[str]) -> int:
+    names = [a for a in argv if not a.startswith("-")]
+    rc = 0
+    with KernelClient(root) as k:
+        for n in names:
+            try:
+                k.call("rmmod", name=n)
+            except SimKernelError as e:
+                print(f"rmmod: ERROR: {e.strerror}", file=sys.stderr)
+                rc = 1
+    return rc
+
+
+def lsmod(root: Path, argv: list[str]) -> int:
+    with KernelClient(root) as k:
+        rows = k.call("lsmod")
+    print(f"{'Module':<28}{'Size':>8}  Used by")
+    for name, refcnt, holders in rows:
+        print(f"{name:<28}{65536:>8}  {refcnt} {','.join(holders)}".rstrip())
+    return 0
+
+
+def _restart(root: Path, alt: bool, who: str) -> int:
+    with KernelClient(root) as k:
+        try:
+            info = k.call("openibd_stop")
+        except SimKernelError as e:
+            print(f"Unloading HCA driver:{'[FAILED]':>40}\n{e.strerror}", file=sys.stderr)
+            return 1
+        print(f"Unloading HCA driver:{'[  OK  ]':>40}", flush=True)
+        # The swap takes the scenario's openibd_restart_s; killed here, the node keeps no driver.
+        time.sleep(info["duration_s"])  # sleep-ok: the simulated openibd's own duration
+        try:
+            k.call("openibd_start", alt=alt)
+        except SimKernelError as e:
+            print(f"Loading HCA driver and Access Layer:{'[FAILED]':>25}\n{e.strerror}",
+                  file=sys.stderr)
+            return 1
+    print(f"Loading HCA driver and Access Layer:{'[  OK  ]':>25}  ({who})")
+    return 0
+
+
+def openibd(root: Path, argv: list[str]) -> int:
+    action = argv[0] if argv else ""
+    if action in ("restart", "force-restart"):
+        return _restart(root, alt=False, who="openibd")
+    if action == "status":
+        with KernelClient(root) as k:
+            loaded = {row[0] for row in k.call("lsmod")}
+        print("HCA driver loaded" if "mlx5_core" in loaded else "HCA driver is not loaded")
+        return 0 if "mlx5_core" in loaded else 3
+    print("Usage: openibd {restart|force-restart|status} (simulated)", file=sys.stderr)
+    return 2
+
+
+def mlnxofedctl(root: Path, argv: list[str]) -> int:
+    if "--alt-mods" in argv and "force-restart" in argv:
+        return _restart(root, alt=True, who="mlnxofedctl --alt-mods")
+    print("Usage: mlnxofedctl --alt-mods force-restart (simulated)", file=sys.stderr)
+    return 2
+
+
+def main(tool: str, root: str, argv: list[str] | None = None) -> int:
+    fn = {"modinfo": modinfo, "modprobe": modprobe, "rmmod": rmmod, "lsmod": lsmod,
+          "openibd": openibd, "mlnxofedctl": mlnxofedctl}[tool]
+    try:
+        return fn(Path(root), sys.argv[1:] if argv is None else argv)
+    except (OSError, TimeoutError) as e:
+        print(f"{tool}: simulated node {root}: {e}", file=sys.stderr)
+        return 1

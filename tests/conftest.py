@@ -1,0 +1,52 @@
+"""Shared fixtures: simulated nodes built from scenario files, their kernel stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mofed_lifecycle.sim.client import KernelClient
+from mofed_lifecycle.sim.node import init_node, stop_kernel
+
+os.environ.setdefault("MOFED_SIM_IDLE_EXIT_S", "60")  # no kernel process outlives a test run long
+
+HERE = Path(__file__).resolve().parent
+SCENARIOS = HERE / "scenarios"
+SHARED_SCENARIOS = HERE.parent.parent / "shared" / "scenarios"
+
+
+def shared_scenarios() -> list[Path]:
+    return sorted(SHARED_SCENARIOS.glob("*.toml"))
+
+
+NodeFactory = Callable[..., tuple[Path, KernelClient]]
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
+    """make_node(scenario_path_or_toml_text) -> (root, client) for a fresh simulated node."""
+    made: list[tuple[Path, KernelClient]] = []
+
+    def make(scenario: str | Path, name: str = "node") -> tuple[Path, KernelClient]:
+        path = Path(scenario) if isinstance(scenario, Path) else None
+        if path is None:
+            path = tmp_path / f"{name}.toml"
+            path.write_text(str(scenario))
+        root = tmp_path / name
+        init_node(path, root)
+        client = KernelClient(root)
+        made.append((root, client))
+        return root, client
+
+    yield make
+    for root, client in made:
+        client.close()
+        stop_kernel(root)
+
+
+@pytest.fixture
+def tiny(make_node: NodeFactory) -> tuple[Path, KernelClient]:
+    return make_node(SCENARIOS / "tiny-eth.toml")

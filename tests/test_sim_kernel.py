@@ -1,0 +1,316 @@
+"""The simulated kernel behaves like the real one where a restore strategy depends on it.
+
+Every test drives the running kernel process the way the daemon will: sysfs attribute writes,
+netlink requests and the stand-in tools as real subprocesses; it then checks the node's files and its
+ground truth. Waits are on the kernel's own "no event pending" answer, never on wall-clock sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mofed_lifecycle.sim.client import KernelClient, SimKernelError
+from mofed_lifecycle.sim.node import stop_kernel
+from mofed_lifecycle.sim.scenario import load_scenario
+
+from .conftest import SCENARIOS
+
+PF = "0000:08:00.0"
+PF_DEV = "enp8s0f0np0"
+
+
+def tool(root: Path, name: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    exe = root / "etc/init.d/openibd" if name == "openibd" else root / ".sim/bin" / name
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def numvfs_attr(root: Path) -> Path:
+    return root / "sys/bus/pci/devices" / PF / "sriov_numvfs"
+
+
+def blacklist(root: Path) -> None:
+    (root / "etc/modprobe.d/blacklist-ofed-modules.conf").write_text(
+        "".join(f"blacklist {m}\n" for m in ("mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs")))
+
+
+def timeline(root: Path) -> list[dict]:
+    return [json.loads(x) for x in (root / ".sim/timeline.jsonl").read_text().splitlines()]
+
+
+def reload_driver(root: Path, k: KernelClient) -> None:
+    blacklist(root)
+    assert tool(root, "openibd", "restart").returncode == 0
+    k.call("wait_settled", timeout=30)
+
+
+# ---- SR-IOV ----------------------------------------------------------------------------------
+
+
+def test_numvfs_change_between_nonzero_counts_is_ebusy(tiny):
+    root, k = tiny
+    assert numvfs_attr(root).read_text().strip() == "4"
+    with pytest.raises(SimKernelError) as e:
+        k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="8")
+    assert e.value.errno == errno.EBUSY
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="4")  # same: no-op
+    with pytest.raises(SimKernelError) as e:
+        k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="200")
+    assert e.value.errno == errno.ERANGE
+    assert numvfs_attr(root).read_text().strip() == "4"
+
+
+def test_numvfs_zero_removes_vfs_and_their_netdevs(tiny):
+    root, k = tiny
+    assert (root / "sys/class/net/enp8s0f0v0").exists()
+    k.call("sysfs_write", path=f"sys/class/net/{PF_DEV}/device/sriov_numvfs", value="0")
+    assert numvfs_attr(root).read_text().strip() == "0"
+    assert not (root / "sys/class/net/enp8s0f0v0").exists()
+    assert not list((root / "sys/bus/pci/devices" / PF).glob("virtfn*"))
+    assert k.call("state")["pfs"][PF]["vfs"] == {}
+
+
+def test_vf_netdev_appears_late_with_kernel_name_then_udev_renames_it(tiny):
+    root, k = tiny
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")
+    start = time.time()
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="4")
+    # Created at once: PCI functions and virtfn links; no netdev yet (delays are >= 5 ms).
+    vf0 = root / "sys/bus/pci/devices" / PF / "virtfn0"
+    assert os.readlink(vf0) == "../0000:08:00.2"
+    assert not list((vf0 / "net").glob("*")) if (vf0 / "net").exists() else True
+    k.call("wait_settled", timeout=30)
+    sc = load_scenario(SCENARIOS / "tiny-eth.toml")
+    events = [e for e in timeline(root) if e["t"] >= start]
+    for i in (0, 1, 3):
+        pci = f"0000:08:00.{2 + i}"
+        appeared = next(e for e in events if e["event"] == "netdev.appeared" and e["pci"] == pci)
+        named = next(e for e in events if e["event"] == "netdev.named" and e["pci"] == pci)
+        assert appeared["name"].startswith("eth")  # the kernel's name first...
+        assert named["name"] == f"enp8s0f0v{i}" and named["old"] == appeared["name"]  # ...then udev's
+        # never earlier than the scenario says (scaled); VF 3 is the late one
+        assert appeared["t"] - start >= sc.scaled(sc.netdev_delay_s(pci, i)) - 1e-3
+        assert named["t"] - appeared["t"] >= sc.scaled(sc.rename_delay_s(pci, i)) - 1e-3
+    assert sc.netdev_delay_s("0000:08:00.5", 3) == 6.0
+    assert (root / "sys/class/net/enp8s0f0v3/device").resolve().name == "0000:08:00.5"
+    assert not any((root / "sys/class/net").glob("eth*"))
+
+
+def test_autoprobe_off_creates_unbound_vfs_until_bound(tiny):
+    root, k = tiny
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_drivers_autoprobe", value="0")
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="2")
+    k.call("wait_settled", timeout=30)
+    vfs = k.call("state")["pfs"][PF]["vfs"]
+    assert [v["driver"] for v in vfs.values()] == [None, None]
+    assert [v["netdev"] for v in vfs.values()] == [None, None]
+    k.call("sysfs_write", path="sys/bus/pci/drivers/mlx5_core/bind", value="0000:08:00.3")
+    k.call("wait_settled", timeout=30)
+    vf1 = k.call("state")["pfs"][PF]["vfs"]["1"]
+    assert (vf1["driver"], vf1["netdev"]) == ("mlx5_core", "enp8s0f0v1")
+    assert os.readlink(root / "sys/bus/pci/devices/0000:08:00.3/driver").endswith("mlx5_core")
+
+
+def test_admin_mac_reaches_a_bound_vf_netdev_only_after_rebind(tiny):
+    root, k = tiny
+    mac = "02:aa:bb:cc:dd:01"
+    k.call("nl_set_vf", pf=PF_DEV, vf=0, change={"mac": mac})
+    vf0 = k.call("state")["pfs"][PF]["vfs"]["0"]
+    assert vf0["mac"] == mac and vf0["netdev_mac"] != mac
+    k.call("sysfs_write", path="sys/bus/pci/devices/0000:08:00.2/driver/unbind", value="0000:08:00.2")
+    assert k.call("state")["pfs"][PF]["vfs"]["0"]["netdev"] is None  # unbind removes the netdev
+    k.call("sysfs_write", path="sys/bus/pci/drivers/mlx5_core/bind", value="0000:08:00.2")
+    k.call("wait_settled", timeout=30)
+    vf0 = k.call("state")["pfs"][PF]["vfs"]["0"]
+    assert vf0["netdev_mac"] == mac
+    assert (root / "sys/class/net/enp8s0f0v0/address").read_text().strip() == mac
+
+
+def test_bind_of_a_bound_vf_is_ebusy_and_unknown_device_enodev(tiny):
+    _root, k = tiny
+    with pytest.raises(SimKernelError) as e:
+        k.call("sysfs_write", path="sys/bus/pci/drivers/mlx5_core/bind", value="0000:08:00.2")
+    assert e.value.errno == errno.EBUSY
+    with pytest.raises(SimKernelError) as e:
+        k.call("sysfs_write", path="sys/bus/pci/drivers/mlx5_core/bind", value="0000:99:00.0")
+    assert e.value.errno == errno.ENODEV
+
+
+def test_vf_link_settings_on_the_netdev_and_vf_settings_on_the_pf(tiny):
+    root, k = tiny
+    k.call("nl_set_link", name="enp8s0f0v0", change={"mtu": 4000, "up": False})
+    assert (root / "sys/class/net/enp8s0f0v0/mtu").read_text().strip() == "4000"
+    assert (root / "sys/class/net/enp8s0f0v0/operstate").read_text().strip() == "down"
+    with pytest.raises(SimKernelError) as e:
+        k.call("nl_set_link", name="enp8s0f0v0", change={"mtu": 20000})
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(SimKernelError) as e:
+        k.call("nl_set_link", name="eth7", change={"up": True})
+    assert e.value.errno == errno.ENODEV
+    k.call("nl_set_vf", pf=PF_DEV, vf=3, change={"vlan": 7, "trust": False, "link_state": "disable"})
+    vf3 = next(v for v in k.call("nl_vfs", pf=PF_DEV) if v["index"] == 3)
+    assert (vf3["vlan"], vf3["trust"], vf3["link_state"]) == (7, False, "disable")
+    with pytest.raises(SimKernelError) as e:
+        k.call("nl_set_vf", pf=PF_DEV, vf=3, change={"node_guid": "00:11:22:33:44:55:66:77"})
+    assert e.value.errno == errno.EOPNOTSUPP
+
+
+# ---- modules, blacklist and openibd ---------------------------------------------------------
+
+
+def test_unloading_a_module_with_holders_fails_in_use(tiny):
+    root, k = tiny
+    r = tool(root, "rmmod", "ib_core")
+    assert r.returncode == 1 and "in use" in r.stderr
+    r = tool(root, "modprobe", "-r", "mlx5_core")
+    assert r.returncode == 1 and "in use" in r.stderr
+    assert (root / "sys/module/mlx5_core").is_dir()
+    assert "mlx5_ib" in os.listdir(root / "sys/module/mlx5_core/holders")
+    assert (root / "sys/module/ib_core/refcnt").read_text().strip() == str(
+        len(os.listdir(root / "sys/module/ib_core/holders")))
+
+
+def test_modinfo_reports_the_installed_driver_and_sysfs_the_loaded_one(tiny):
+    root, _k = tiny
+    sc = load_scenario(SCENARIOS / "tiny-eth.toml")
+    r = tool(root, "modinfo", "-F", "srcversion", "mlx5_core")
+    assert r.returncode == 0 and r.stdout.strip() == sc.installed_srcversion("mlx5_core")
+    assert (root / "sys/module/mlx5_core/srcversion").read_text().strip() == sc.host_srcversion(
+        "mlx5_core")
+    assert tool(root, "modinfo", "-F", "version", "mlx5_ib").stdout.strip() == "25.07-0.9.7"
+    assert tool(root, "modinfo", "no_such_mod").returncode == 1
+    proc = (root / "proc/modules").read_text()
+    assert any(line.startswith("mlx5_core ") and "mlx5_ib," in line for line in proc.splitlines())
+
+
+def test_openibd_restart_takes_scaled_time_and_loads_the_installed_stack(tiny):
+    root, k = tiny
+    sc = load_scenario(SCENARIOS / "tiny-eth.toml")
+    blacklist(root)
+    start = time.monotonic()
+    r = tool(root, "openibd", "restart")
+    took = time.monotonic() - start
+    assert r.returncode == 0, r.stderr
+    assert took >= sc.scaled(sc.openibd_restart_s)  # 20 s x 0.01: at least 0.2 s
+    events = timeline(root)
+    unloaded = next(e for e in events if e["event"] == "openibd.unloaded")
+    loaded = next(e for e in events if e["event"] == "openibd.loaded")
+    assert loaded["t"] - unloaded["t"] >= sc.scaled(sc.openibd_restart_s) - 1e-3
+    for m in ("mlx5_core", "mlx5_ib", "ib_core"):
+        assert (root / f"sys/module/{m}/srcversion").read_text().strip() == sc.installed_srcversion(m)
+    k.call("wait_settled", timeout=30)
+    st = k.call("state")
+    pf = st["pfs"][PF]
+    # VFs do not come back by themselves; the PF netdev does (renamed by udev), with defaults.
+    assert pf["numvfs"] == 0 and pf["vfs"] == {}
+    assert pf["name"] == PF_DEV and pf["mtu"] == 1500
+    assert numvfs_attr(root).read_text().strip() == "0"
+
+
+def test_without_blacklist_the_host_reloads_its_own_driver_and_openibd_fails(tiny):
+    root, k = tiny
+    sc = load_scenario(SCENARIOS / "tiny-eth.toml")
+    r = tool(root, "openibd", "restart")
+    assert r.returncode == 1 and "in use" in r.stderr
+    assert k.call("state")["modules"]["mlx5_core"]["srcversion"] == sc.host_srcversion("mlx5_core")
+    assert any(e["event"] == "udev.alias_autoload" for e in timeline(root))
+
+
+def test_modprobe_by_alias_honours_the_blacklist_but_by_name_does_not(tiny):
+    root, k = tiny
+    reload_driver(root, k)  # the installed stack is loaded, the blacklist file stays
+    assert tool(root, "modprobe", "-r", "mlx5_ib").returncode == 0
+    assert "mlx5_core" not in k.call("state")["modules"]  # -r takes now-unused dependencies too
+    assert tool(root, "modprobe", "pci:v000015B3d0000101Dsv*sd*bc02sc00i00").returncode == 0
+    assert "mlx5_core" not in k.call("state")["modules"]  # blacklisted: the alias load is skipped
+    r = tool(root, "modprobe", "mlx5_core")
+    assert r.returncode == 0, r.stderr
+    assert "mlx5_core" in k.call("state")["modules"]
+
+
+def test_modprobe_against_a_stack_of_another_version_is_einval(tiny):
+    root, k = tiny
+    assert tool(root, "modprobe", "-r", "mlx5_ib").returncode == 0
+    r = tool(root, "modprobe", "mlx5_core")  # installed 25.07 against the loaded 24.04 mlx_compat
+    assert r.returncode == 1 and "Invalid argument" in r.stderr
+    assert "mlx5_core" not in k.call("state")["modules"]
+
+
+def test_modules_outside_the_stack_make_openibd_fail_in_use_and_change_nothing(make_node):
+    root, k = make_node(SCENARIOS / "tiny-ib-holders.toml")
+    blacklist(root)
+    before = k.call("state")
+    first = tool(root, "openibd", "restart")  # openibd_failures = 1: the first restart fails
+    assert first.returncode == 1 and "in use" in first.stderr
+    r = tool(root, "openibd", "restart")
+    assert r.returncode == 1 and "in use by" in r.stderr
+    assert k.call("state") == before
+    # Unload what holds the stack (aux module, storage ULP, peermem once its user is gone): it works.
+    assert tool(root, "modprobe", "-r", "mlx5_fwctl").returncode == 0
+    assert tool(root, "modprobe", "-r", "nvme_rdma").returncode == 0
+    assert tool(root, "rmmod", "nvidia_peermem").returncode == 1  # one user holds it
+    assert before["modules"]["nvidia_peermem"]["refcnt"] == 1
+
+
+def test_ib_vf_guids_and_all_zero_guids(make_node):
+    _root, k = make_node(SCENARIOS / "tiny-ib-holders.toml")
+    st = k.call("state")
+    vf0, vf1 = st["pfs"]["0000:18:00.0"]["vfs"]["0"], st["pfs"]["0000:18:00.0"]["vfs"]["1"]
+    assert vf0["node_guid"] == "00:11:22:33:44:55:18:00"
+    assert vf0["netdev_port_guid"] == "00:11:22:33:44:55:18:01"
+    assert vf1["node_guid"] == "00:00:00:00:00:00:00:00"  # never assigned
+    with pytest.raises(SimKernelError) as e:
+        k.call("nl_set_vf", pf="ibp24s0", vf=0, change={"mac": "02:00:00:00:00:01"})
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert st["pfs"]["0000:18:00.0"]["link"] == "ib"
+
+
+# ---- time, restart and determinism ----------------------------------------------------------
+
+
+def test_events_pending_when_the_kernel_process_stops_complete_after_restart(tiny):
+    root, k = tiny
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="4")
+    pid = k.call("ping")["pid"]
+    assert k.call("state")["pending_events"] > 0
+    k.close()
+    os.kill(pid, signal.SIGTERM)  # the node's kernel process stops with netdevs still pending
+    k2 = KernelClient(root)  # a restart catches up as if time had passed
+    assert k2.call("ping")["pid"] != pid
+    k2.call("wait_settled", timeout=30)
+    vfs = k2.call("state")["pfs"][PF]["vfs"]
+    assert [v["netdev"] for v in vfs.values()] == ["enp8s0f0v0", "enp8s0f0v1", "enp8s0f0v2",
+                                                  "enp8s0f0v3"]
+    k2.close()
+
+
+def test_same_scenario_and_seed_give_the_same_node_and_timeline(make_node):
+    roots = [make_node(SCENARIOS / "tiny-eth.toml", name=f"n{i}") for i in range(2)]
+    orders = []
+    for root, k in roots:
+        k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")
+        k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="4")
+        k.call("wait_settled", timeout=30)
+        orders.append([(e["event"], e.get("name"), e.get("pci")) for e in timeline(root)])
+    assert orders[0] == orders[1]
+    states = [k.call("state") for _, k in roots]
+    assert states[0] == states[1]
+
+
+def test_stop_leaves_a_consistent_node_that_a_new_kernel_process_serves(tiny):
+    root, k = tiny
+    before = k.call("state")
+    k.close()
+    assert stop_kernel(root)
+    k2 = KernelClient(root)
+    assert k2.call("state") == before
+    k2.close()
