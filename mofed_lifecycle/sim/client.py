@@ -5,6 +5,7 @@ Standard library only: the stand-in tools (modprobe, openibd...) import this on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -117,6 +118,10 @@ class KernelClient:
             yield json.loads(line)
 
     def close(self) -> None:
+        # shutdown first: it wakes a thread blocked reading the stream (closing the buffered
+        # reader while another thread reads it would wait for that read forever).
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.rfile.close()
         self.sock.close()
 
