@@ -39,7 +39,7 @@ class LinkInfo:
 
 @dataclass(frozen=True)
 class VfSettings:
-    """One VF's settings as held by its PF (IFLA_VF_*). None means 'not reported / not applicable'."""
+    """One VF's settings as held by its PF (IFLA_VF_*). None: not reported / not applicable."""
 
     index: int
     mac: str | None = None

@@ -1,7 +1,7 @@
 """Root-prefixed paths: every file the daemon touches on the node resolves under `--root`.
 
-On a real node the root is `/`; on a simulated node it is the directory `sim init` built. Logic never
-spells `/sys` or `/run` itself: it asks `NodePaths` for the node path it means.
+On a real node the root is `/`; on a simulated node it is the directory `sim init` built. Logic
+never spells `/sys` or `/run` itself: it asks `NodePaths` for the node path it means.
 """
 
 from __future__ import annotations

@@ -21,7 +21,26 @@ from pathlib import Path
 
 UDEV_MONITOR_MAGIC = 0xFEEDCAFE
 HEADER = struct.Struct("=8sIIIIIIII")
-PRELOAD_LIB = "libumockdev-preload.so.0"
+
+
+def umockdev_preload() -> str | None:
+    """The umockdev preload library if installed (Debian: package `umockdev`), else None."""
+    for pattern in ("/usr/lib/*/libumockdev-preload.so.0", "/usr/lib*/libumockdev-preload.so.0",
+                    "/usr/local/lib*/libumockdev-preload.so.0"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def umockdev_env(root: Path, env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """An environment whose libudev sees `root` as /sys and receives its uevents (None: no umockdev)."""
+    lib = umockdev_preload()
+    if lib is None:
+        return None
+    base = dict(os.environ if env is None else env)
+    preload = " ".join(p for p in (lib, base.get("LD_PRELOAD", "")) if p)
+    return {**base, "LD_PRELOAD": preload, "UMOCKDEV_DIR": str(Path(root).resolve())}
 
 
 def murmur2_32(data: bytes) -> int:

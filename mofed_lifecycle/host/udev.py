@@ -1,0 +1,78 @@
+"""Netdev events from udev (add, move, remove), keyed by PCI address, through pyudev.
+
+Listening on udev's group means an `add` arrives once udev has finished with the device, renaming
+included, so its INTERFACE is the final name. On a simulated node the same pyudev code receives the
+simulator's events when the process runs under umockdev (`LD_PRELOAD=libumockdev-preload.so`,
+`UMOCKDEV_DIR=<root>`); without umockdev, `SimNetdevEvents` takes them from the kernel process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+PCI_IN_DEVPATH = re.compile(r"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])/net/[^/]+$")
+
+
+@dataclass(frozen=True)
+class NetdevEvent:
+    action: str  # add | move | remove | change
+    name: str  # the netdev name after this event
+    old_name: str | None  # the name before a rename
+    ifindex: int | None
+    pci: str | None  # the PCI function the netdev belongs to (None for virtual devices)
+
+
+def event_from_properties(props: Mapping[str, str]) -> NetdevEvent | None:
+    """A NetdevEvent from udev properties, or None if they are not a net device's."""
+    if props.get("SUBSYSTEM") != "net":
+        return None
+    devpath = props.get("DEVPATH", "")
+    name = props.get("INTERFACE") or devpath.rsplit("/", 1)[-1]
+    old = props.get("INTERFACE_OLD") or (props.get("DEVPATH_OLD", "").rsplit("/", 1)[-1] or None)
+    m = PCI_IN_DEVPATH.search(devpath)
+    ifindex = props.get("IFINDEX")
+    return NetdevEvent(props.get("ACTION", ""), name, old if old != name else None,
+                       int(ifindex) if ifindex and ifindex.isdigit() else None,
+                       m.group(1) if m else None)
+
+
+class NetdevEvents(Protocol):
+    def poll(self, timeout: float | None) -> NetdevEvent | None:
+        """The next netdev event, or None when `timeout` seconds pass without one."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PyudevNetdevEvents:
+    """udev's netdev events through pyudev's monitor (started at construction: no event lost)."""
+
+    def __init__(self) -> None:
+        import pyudev
+
+        self.monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+        self.monitor.filter_by("net")
+        self.monitor.start()
+
+    def poll(self, timeout: float | None) -> NetdevEvent | None:
+        while True:
+            device = self.monitor.poll(timeout=timeout)
+            if device is None:
+                return None
+            ev = event_from_properties(dict(device.properties))
+            if ev is not None:
+                return ev
+
+    def close(self) -> None:
+        self.monitor.stop() if hasattr(self.monitor, "stop") else None
+
+
+def umockdev_active_for(root: Path) -> bool:
+    """True when this process's libudev is redirected to `root` by umockdev's preload library."""
+    redirected = Path(os.environ.get("UMOCKDEV_DIR", "/nonexistent")).resolve()
+    return "umockdev" in os.environ.get("LD_PRELOAD", "") and redirected == Path(root).resolve()
