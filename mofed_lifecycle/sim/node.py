@@ -52,6 +52,8 @@ def init_node(scenario_path: str | Path, root: str | Path, *, force: bool = Fals
     """Build the node described by the scenario under `root` (empty, or a node when `force`)."""
     sc = load_scenario(scenario_path)
     root = Path(root).resolve()
+    if root.exists() and not root.is_dir():
+        raise NodeExists(f"{root} is a file: choose an empty or new directory")
     if root.exists() and any(root.iterdir()):
         if not (force and is_simulated(root)):
             hint = " (pass --force to rebuild it)" if is_simulated(root) else ""

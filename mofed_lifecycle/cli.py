@@ -1,0 +1,210 @@
+"""The `mofed-lifecycle` command: argument parsing, and every error mapped to an exit code.
+
+Exit codes: 0 ok; 1 failed (the node could not be brought to the goal, or an operation failed);
+2 bad usage or bad configuration (fix the command line, the environment or the scenario file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, load_config
+from .log import configure_logging, get_logger
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+exit codes:
+  0  ok
+  1  failed: the node could not be brought where it should be (the log says why and what next)
+  2  bad usage or bad configuration: a wrong flag, environment variable or scenario file
+
+Every host path is read under --root (default /): point it at a directory made by
+`mofed-lifecycle sim init` to run against a simulated node. See `mofed-lifecycle sim --help`.
+"""
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit 2."""
+
+
+def _root(value: str) -> Path:
+    p = Path(value)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"--root {value!r} is not a directory")
+    return p.resolve()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(
+        prog="mofed-lifecycle", formatter_class=fmt, epilog=EPILOG,
+        description="Owns the NVIDIA/Mellanox NIC driver (MOFED/DOCA) lifecycle on a GPU/RDMA "
+                    "node:\ninspect -> decide -> snapshot SR-IOV -> reload -> restore VFs -> "
+                    "ready.",
+    )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    ap.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                    help="auto: JSON lines when stdout is not a terminal, console lines when it is")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", formatter_class=fmt, epilog=EPILOG,
+        help="the driver lifecycle (the driver container's entrypoint)",
+        description="Run the NIC driver lifecycle on this node: the driver container's entrypoint "
+                    "and the systemd unit's\nmain process. Configured by the environment variables "
+                    "of the Network Operator (see README).",
+    )
+    run.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
+    run.add_argument("--once", action="store_true", help="exit 0 once ready instead of staying up")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the decision and the plan, change nothing")
+
+    pm = sub.add_parser(
+        "peermem", formatter_class=fmt, epilog=EPILOG,
+        help="load nvidia-peermem once the NIC driver is really ready (GPU side)",
+        description="Wait for the NIC driver's readiness marker, check that what it promises is "
+                    "true, then load nvidia-peermem.",
+    )
+    pm.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
+    pm.add_argument("--once", action="store_true", help="exit 0 once loaded")
+    pm.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+    cfg = sub.add_parser(
+        "config", formatter_class=fmt, epilog=EPILOG,
+        help="check the environment and print the configuration it gives (secrets hidden)",
+        description="Parse every environment variable the daemon honours (the Network Operator's "
+                    "contract) and print\nthe resulting configuration as JSON, secrets hidden. "
+                    "Exit "
+                    "2 with one line naming the first bad\nvariable. Use it to check a pod's or a "
+                    "unit's environment before starting the daemon.",
+    )
+    cfg.add_argument("--markdown", action="store_true",
+                     help="print the table of variables, defaults and meanings instead")
+    cfg.add_argument("--no-require-version", action="store_true",
+                     help="accept an unset NVIDIA_NIC_DRIVER_VER (only `run` needs it)")
+
+    sim = sub.add_parser(
+        "sim", formatter_class=fmt,
+        help="a simulated node: build one, inspect its ground truth, run the lifecycle on it",
+        description="A simulated node is a directory standing in for `/` plus a kernel process "
+                    "that gives it life:\nmodules with holders, SR-IOV, netdevs that appear late "
+                    "and "
+                    "are renamed by udev, udev events,\nand stand-ins for modprobe, modinfo, "
+                    "openibd... Scenario files: see README and ../shared/scenario-format.md.",
+        epilog="examples:\n"
+               "  mofed-lifecycle sim init examples/upgrade-50vf-eth.toml --root /tmp/node\n"
+               "  mofed-lifecycle sim state --root /tmp/node\n"
+               "  mofed-lifecycle sim run examples/upgrade-50vf-eth.toml --report report.json\n",
+    )
+    ssub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND", required=True)
+    si = ssub.add_parser("init", help="materialise a scenario into a node root",
+                         description="Materialise SCENARIO into DIR (a tree standing in for /).")
+    si.add_argument("scenario", help="scenario TOML file")
+    si.add_argument("--root", required=True, type=Path,
+                    help="directory for the node (new or empty)")
+    si.add_argument("--force", action="store_true", help="rebuild DIR if it already holds a node")
+    ss = ssub.add_parser("state", help="print the node's ground truth as JSON",
+                         description="Print what the simulated kernel holds now (never what the "
+                                     "daemon believes).")
+    ss.add_argument("--root", required=True, type=_root)
+    sr = ssub.add_parser("run", help="init a node, run the lifecycle on it, report",
+                         description="Init SCENARIO in a temporary directory, run the lifecycle "
+                                     "on it, print a timeline and write the JSON report.")
+    sr.add_argument("scenario")
+    sr.add_argument("--report", type=Path, help="write the JSON report here")
+    sr.add_argument("--root", type=Path, help="use this directory instead of a temporary one")
+    sr.add_argument("--keep", action="store_true", help="keep the temporary node afterwards")
+    st = ssub.add_parser("stop", help="stop a node's kernel process",
+                         description="Stop the kernel process of the node at DIR (it also stops "
+                                     "by itself when idle).")
+    st.add_argument("--root", required=True, type=_root)
+    return ap
+
+
+def _not_implemented(what: str, issue: str) -> int:
+    print(f"mofed-lifecycle {what}: not implemented yet ({issue})", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(os.environ)
+    get_logger("cli").info("config.loaded", **config.loggable())
+    return _not_implemented("run", "the lifecycle issue")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import markdown_table
+
+    if args.markdown:
+        print(markdown_table())
+        return EXIT_OK
+    config = load_config(os.environ, require_driver_version=not args.no_require_version)
+    print(json.dumps(config.loggable(), indent=2))
+    return EXIT_OK
+
+
+def cmd_peermem(args: argparse.Namespace) -> int:
+    return _not_implemented("peermem", "the peermem loader issue")
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .sim import node, run
+    from .sim.client import KernelClient, is_simulated
+
+    if args.sim_command == "init":
+        sc = node.init_node(args.scenario, args.root, force=args.force)
+        nvf = sum(len(p.vfs) for p in sc.pfs)
+        print(f"node {sc.name} ready at {args.root.resolve()}: {len(sc.pfs)} PF(s), {nvf} VF(s), "
+              f"driver {sc.loaded_version} loaded, {sc.installed_version} installed")
+        return EXIT_OK
+    if args.sim_command in ("state", "stop") and not is_simulated(args.root):
+        raise UsageError(f"{args.root} is not a simulated node (make one with `mofed-lifecycle "
+                         "sim init SCENARIO --root DIR`)")
+    if args.sim_command == "state":
+        with KernelClient(args.root) as k:
+            print(json.dumps(k.call("state"), indent=2))
+        return EXIT_OK
+    if args.sim_command == "stop":
+        print("stopped" if node.stop_kernel(args.root) else "no kernel process was running")
+        return EXIT_OK
+    result = run.run_scenario(args.scenario, root=args.root, keep=args.keep)
+    print(run.format_timeline(result))
+    if args.report:
+        args.report.write_text(json.dumps(result.report, indent=2) + "\n")
+        print(f"report written to {args.report}")
+    if args.keep or args.root:
+        print(f"node kept at {result.root}")
+    ok = result.report["outcome"] in ("ready", run.LIFECYCLE_PENDING)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    configure_logging(json=fmt, level=args.log_level)
+    from .sim.node import NodeExists
+    from .sim.scenario import ScenarioError
+
+    handlers = {"run": cmd_run, "peermem": cmd_peermem, "config": cmd_config, "sim": cmd_sim}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, ScenarioError, NodeExists, UsageError) as e:
+        print(f"mofed-lifecycle: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except (OSError, TimeoutError) as e:
+        print(f"mofed-lifecycle: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The environment contract: every variable the Network Operator injects, parsed once, validated.
+
+The variables, their defaults and their meaning are today's driver container's
+(`shared/field-notes.md` §2), so the operator can run us unchanged. `load_config(os.environ)`
+returns a frozen `Config` or raises `ConfigError` whose one-line message names the variable, the
+value and what is accepted (the CLI turns it into exit code 2). `SPECS` is the single table the
+README's configuration section is generated from (`mofed-lifecycle config --markdown`).
+
+Rules common to every variable:
+- an unset variable takes its default; so does one set to the empty string, except where the empty
+  string is meaningful (MLX5_AUXILIARY_MODULES="" disables the auxiliary-module handling, and free
+  text variables whose default is "");
+- surrounding whitespace is ignored;
+- booleans accept true/false, 1/0, yes/no in any case, and nothing else;
+- secrets (UBUNTU_PRO_TOKEN) are never logged nor echoed in an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import PurePosixPath
+from typing import Any
+
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,55}$")  # the kernel's MODULE_NAME_LEN is 56
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~:-]{0,63}$")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ConfigError(ValueError):
+    """A bad environment variable: the message names it, its value and what is accepted."""
+
+
+# ---- value parsers: text -> typed value, or ValueError("what is accepted") ----------------------
+
+
+def parse_bool(text: str) -> bool:
+    word = text.lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("expected a boolean: true/false, 1/0 or yes/no (any case)")
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds, 0 or more (e.g. 4 or 0.5)") from None
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError("expected a number of seconds, 0 or more (e.g. 4 or 0.5)")
+    return value
+
+
+def _module_list(sep: str, what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n for n in (p.strip() for p in text.split(sep)) if n)
+        bad = next((n for n in names if not MODULE_NAME_RE.match(n)), None)
+        if bad is not None:
+            raise ValueError(f"expected {what} kernel module names (letters, digits, _ and -); "
+                             f"{bad!r} is not one")
+        return tuple(n.replace("-", "_") for n in names)
+
+    return parse
+
+
+parse_space_modules = _module_list(" ", "space-separated")
+parse_colon_modules = _module_list(":", "colon-separated")
+
+
+def parse_abs_path(text: str) -> str:
+    p = PurePosixPath(text)
+    if not p.is_absolute() or CONTROL_RE.search(text):
+        raise ValueError("expected an absolute path (starting with /)")
+    if ".." in p.parts:
+        raise ValueError("expected an absolute path without '..'")
+    return str(p)
+
+
+def parse_optional_abs_path(text: str) -> str:
+    return parse_abs_path(text) if text else ""
+
+
+def parse_modprobe_conf(text: str) -> str:
+    path = parse_abs_path(text)
+    if not path.endswith(".conf"):
+        raise ValueError("expected an absolute path ending in .conf (modprobe ignores other files "
+                         "in modprobe.d), e.g. /host/etc/modprobe.d/blacklist-ofed-modules.conf")
+    return path
+
+
+def parse_version(text: str) -> str:
+    if not VERSION_RE.match(text):
+        raise ValueError("expected a driver version such as 25.07-0.9.7 (letters, digits, . _ + ~ "
+                         ": -; at most 64 characters)")
+    return text
+
+
+def parse_text(text: str) -> str:
+    if CONTROL_RE.search(text):
+        raise ValueError("expected printable text on one line (no control characters)")
+    return text
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One environment variable: its Config field, parser, default (as text) and meaning."""
+
+    var: str
+    field: str
+    parse: Callable[[str], Any]
+    default: str | None  # None: required
+    meaning: str
+    empty_is_value: bool = False  # "" is a value of its own rather than "use the default"
+    secret: bool = False
+
+
+DEFAULT_STORAGE = "ib_iser ib_isert ib_srp ib_srpt nvme_rdma nvmet_rdma rpcrdma xprtrdma"
+DEFAULT_THIRD_PARTY = ("bnxt_re efa erdma iw_cxgb4 hfi1 hns_roce ionic_rdma irdma ib_qib mana_ib "
+                       "ocrdma qedr rdma_rxe siw vmw_pvrdma")
+DEFAULT_BLACKLIST = "mlx5_core:mlx5_ib:ib_umad:ib_uverbs:ib_ipoib:rdma_cm:rdma_ucm:ib_core:ib_cm"
+
+SPECS: tuple[Spec, ...] = (
+    Spec("NVIDIA_NIC_DRIVER_VER", "driver_version", parse_version, None,
+         "driver version: build cache key and DTK flag name (only `run` needs it)"),
+    Spec("NVIDIA_NIC_DRIVER_PATH", "driver_path", parse_optional_abs_path, "",
+         "driver source tree (sources mode)", empty_is_value=True),
+    Spec("NVIDIA_NIC_CONTAINER_VER", "container_version", parse_text, "",
+         "container version, logged", empty_is_value=True),
+    Spec("NVIDIA_NIC_DRIVERS_INVENTORY_PATH", "inventory_path", parse_optional_abs_path, "",
+         "build cache root", empty_is_value=True),
+    Spec("ENABLE_NFSRDMA", "enable_nfsrdma", parse_bool, "false",
+         "also compare nvme_rdma and rpcrdma srcversions; `modprobe rpcrdma` after the load"),
+    Spec("UNLOAD_STORAGE_MODULES", "unload_storage_modules", parse_bool, "false",
+         "allow unloading the storage ULPs that hold ib_core"),
+    Spec("STORAGE_MODULES", "storage_modules", parse_space_modules, DEFAULT_STORAGE,
+         "storage ULPs, space separated"),
+    Spec("UNLOAD_THIRD_PARTY_RDMA_MODULES", "unload_third_party_rdma_modules", parse_bool, "false",
+         "allow unloading other vendors' RDMA providers"),
+    Spec("THIRD_PARTY_RDMA_MODULES", "third_party_rdma_modules", parse_space_modules,
+         DEFAULT_THIRD_PARTY, "other vendors' RDMA providers, space separated"),
+    Spec("MLX5_AUXILIARY_MODULES", "mlx5_auxiliary_modules", parse_space_modules,
+         "mlx5_vdpa mlx5_fwctl mlx5_dpll",
+         "unloaded before and reloaded after the restart; empty disables", empty_is_value=True),
+    Spec("OFED_BLACKLIST_MODULES", "blacklist_modules", parse_colon_modules, DEFAULT_BLACKLIST,
+         "modules blacklisted on the host around the reload, colon separated"),
+    Spec("OFED_BLACKLIST_MODULES_FILE", "blacklist_file", parse_modprobe_conf,
+         "/host/etc/modprobe.d/blacklist-ofed-modules.conf",
+         "the blacklist file: the host's modprobe.d as mounted in the container"),
+    Spec("CREATE_IFNAMES_UDEV", "create_ifnames_udev", parse_bool, "false",
+         "install the short-name udev rule (the operator injects true)"),
+    Spec("RESTORE_DRIVER_ON_POD_TERMINATION", "restore_driver_on_termination", parse_bool, "false",
+         "on stop, put the inbox driver back (`mlnxofedctl --alt-mods force-restart`)"),
+    Spec("BIND_DELAY_SEC", "bind_delay_s", parse_seconds, "4",
+         "today's fixed sleep per bind; kept as an upper bound for the bind-rebind fallback"),
+    Spec("USE_DKMS", "use_dkms", parse_bool, "false", "runtime DKMS"),
+    Spec("DTK_OCP_DRIVER_BUILD", "dtk_ocp_driver_build", parse_bool, "false",
+         "OpenShift: hand the build to the driver-toolkit sidecar"),
+    Spec("DTK_OCP_NIC_SHARED_DIR", "dtk_shared_dir", parse_abs_path,
+         "/mnt/shared-nvidia-nic-driver-toolkit",
+         "DTK shared directory (`/<sanitised kernel>` is appended)"),
+    Spec("APPEND_DRIVER_BUILD_FLAGS", "append_driver_build_flags", parse_text, "",
+         "extra driver build flags", empty_is_value=True),
+    Spec("ENTRYPOINT_DEBUG", "entrypoint_debug", parse_bool, "false",
+         "keep a debug trace, and sleep before exiting on failure"),
+    Spec("DEBUG_LOG_FILE", "debug_log_file", parse_abs_path, "/tmp/entrypoint_debug_cmds.log",
+         "where the debug trace goes"),
+    Spec("DEBUG_SLEEP_SEC_ON_EXIT", "debug_sleep_on_exit_s", parse_seconds, "300",
+         "with ENTRYPOINT_DEBUG, seconds to sleep before exiting on failure"),
+    Spec("DRIVER_READY_PATH", "driver_ready_path", parse_abs_path,
+         "/run/mellanox/drivers/.driver-ready", "the readiness marker"),
+    Spec("LOCK_FILE_PATH", "lock_file_path", parse_abs_path, "/run/mellanox/drivers/.lock",
+         "flock held while running: one instance per node"),
+    Spec("MLX_DRIVERS_MOUNT", "drivers_mount", parse_abs_path, "/run/mellanox/drivers",
+         "the drivers mount shared with the host (journal and status live here)"),
+    Spec("SHARED_KERNEL_HEADERS_DIR", "shared_kernel_headers_dir", parse_abs_path,
+         "/run/mellanox/drivers/usr/src", "where /usr/src (ofa_kernel headers) is shared"),
+    Spec("MLX_UDEV_RULES_FILE", "udev_rules_file", parse_abs_path,
+         "/host/etc/udev/rules.d/77-mlnx-net-names.rules", "the short-name udev rule"),
+    Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",
+         "Ubuntu Pro token (a secret: never logged)", empty_is_value=True, secret=True),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed environment. Paths are node paths: resolve them through `NodePaths`."""
+
+    driver_version: str
+    driver_path: str
+    container_version: str
+    inventory_path: str
+    enable_nfsrdma: bool
+    unload_storage_modules: bool
+    storage_modules: tuple[str, ...]
+    unload_third_party_rdma_modules: bool
+    third_party_rdma_modules: tuple[str, ...]
+    mlx5_auxiliary_modules: tuple[str, ...]
+    blacklist_modules: tuple[str, ...]
+    blacklist_file: str
+    create_ifnames_udev: bool
+    restore_driver_on_termination: bool
+    bind_delay_s: float
+    use_dkms: bool
+    dtk_ocp_driver_build: bool
+    dtk_shared_dir: str
+    append_driver_build_flags: str
+    entrypoint_debug: bool
+    debug_log_file: str
+    debug_sleep_on_exit_s: float
+    driver_ready_path: str
+    lock_file_path: str
+    drivers_mount: str
+    shared_kernel_headers_dir: str
+    udev_rules_file: str
+    ubuntu_pro_token: str
+
+    def __repr__(self) -> str:  # a traceback or a debug print never shows the secret
+        return f"Config({self.loggable()!r})"
+
+    def loggable(self) -> dict[str, Any]:
+        """Every field, secrets replaced by "(set)" / "(unset)": safe to log."""
+        out: dict[str, Any] = {}
+        for spec in SPECS:
+            value = getattr(self, spec.field)
+            if spec.secret:
+                value = "(set)" if value else "(unset)"
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[spec.field] = value
+        return out
+
+
+def _describe(value: str) -> str:
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return repr(shown)
+
+
+def load_config(env: Mapping[str, str], *, require_driver_version: bool = True) -> Config:
+    """Parse `env` (normally os.environ) into a Config; ConfigError names the first bad one."""
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        raw = env.get(spec.var)
+        text = raw.strip() if raw is not None else None
+        if text is None or (text == "" and not spec.empty_is_value):
+            if spec.default is None:
+                if require_driver_version:
+                    raise ConfigError(f"{spec.var} is not set: it is required; set it to the "
+                                      "installed driver's version, e.g. 25.07-0.9.7")
+                values[spec.field] = ""
+                continue
+            text = spec.default
+        try:
+            values[spec.field] = spec.parse(text)
+        except ValueError as e:
+            shown = "(hidden: a secret)" if spec.secret else _describe(raw or "")
+            raise ConfigError(f"{spec.var}={shown}: {e}") from None
+    return Config(**values)
+
+
+def defaults() -> dict[str, str | None]:
+    """Each variable's default as text (None: required)."""
+    return {s.var: s.default for s in SPECS}
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from SPECS."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SPECS:
+        default = "required" if s.default is None else (f"`{s.default}`" if s.default else '""')
+        rows.append(f"| `{s.var}` | {default} | {s.meaning} |")
+    return "\n".join(rows)
+
+
+assert {s.field for s in SPECS} == {f.name for f in fields(Config)}, "SPECS and Config disagree"

@@ -1,0 +1,131 @@
+"""The command line as an operator meets it: help that teaches, exit codes, one-line errors, logs.
+
+Every case runs the real `mofed-lifecycle` entry point as a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mofed_lifecycle import __version__
+from mofed_lifecycle.log import Transitions, configure_logging, get_logger
+from mofed_lifecycle.sim.node import stop_kernel
+
+from .conftest import SCENARIOS
+
+ENV = {**os.environ, "NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7"}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", *args],
+                          env=env or ENV, capture_output=True, text=True, timeout=60)
+
+
+def test_version():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mofed-lifecycle {__version__}"
+
+
+@pytest.mark.parametrize("args,teaches", [
+    ((), ["run", "peermem", "sim", "config", "exit codes", "--root"]),
+    (("run",), ["--root", "--once", "--dry-run", "environment variables", "exit codes"]),
+    (("peermem",), ["--once", "--timeout", "readiness marker"]),
+    (("config",), ["--markdown", "secrets"]),
+    (("sim",), ["init", "state", "run", "examples:"]),
+    (("sim", "init"), ["SCENARIO", "--root", "--force"]),
+    (("sim", "run"), ["--report", "timeline"]),
+])
+def test_help_explains_each_command(args, teaches):
+    r = cli(*args, "--help")
+    assert r.returncode == 0
+    for word in teaches:
+        assert word in r.stdout, f"`{' '.join(args)} --help` does not mention {word!r}"
+
+
+@pytest.mark.parametrize("args,says", [
+    (("frobnicate",), "invalid choice"),
+    (("run", "--root", "/no/such/dir"), "is not a directory"),
+    (("sim", "state", "--root", "/tmp"), "is not a simulated node"),
+    (("sim", "init", "/no/such.toml", "--root", "/tmp/x-never"), "cannot read scenario"),
+    (("sim", "init", str(SCENARIOS / "tiny-eth.toml"), "--root", str(SCENARIOS / "tiny-eth.toml")),
+     "is a file"),
+])
+def test_bad_usage_is_exit_2_with_one_line_and_no_traceback(args, says):
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_broken_scenario_names_the_file_and_key(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[driver]\nloaded_version = "24.04"\ninstalled_version = "25.07"\n'
+                   '[[pf]]\npci = "0000:08:00.0"\nname = "enp8s0f0np0"\nmtu = "big"\n')
+    r = cli("sim", "init", str(bad), "--root", str(tmp_path / "n"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"mofed-lifecycle: {bad}: [[pf]] #1.mtu: expected int, got 'big'"]
+    bad.write_text("[node\n")
+    r = cli("sim", "init", str(bad), "--root", str(tmp_path / "n"))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sim_init_refuses_a_non_empty_directory_and_force_rebuilds_a_node(tmp_path: Path):
+    (tmp_path / "precious").write_text("keep me")
+    r = cli("sim", "init", str(SCENARIOS / "tiny-eth.toml"), "--root", str(tmp_path))
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert (tmp_path / "precious").read_text() == "keep me"
+    node = tmp_path / "node"
+    try:
+        tiny = str(SCENARIOS / "tiny-eth.toml")
+        assert cli("sim", "init", tiny, "--root", str(node)).returncode == 0
+        r = cli("sim", "init", tiny, "--root", str(node))
+        assert r.returncode == 2 and "--force" in r.stderr
+        r = cli("sim", "init", tiny, "--root", str(node), "--force")
+        assert r.returncode == 0 and "1 PF(s), 4 VF(s)" in r.stdout
+    finally:
+        stop_kernel(node)
+
+
+@pytest.mark.parametrize("command", ["run", "peermem"])
+def test_commands_of_later_issues_say_so_and_fail(command):
+    r = cli(command)
+    assert r.returncode == 1 and "not implemented yet" in r.stderr
+
+
+def test_logs_are_json_lines_with_event_names_off_a_tty():
+    r = cli("run")
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    loaded = next(e for e in events if e["event"] == "config.loaded")
+    assert loaded["component"] == "cli" and loaded["level"] == "info" and "timestamp" in loaded
+    assert loaded["driver_version"] == "25.07-0.9.7"
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_lines_on_a_tty_and_transitions_carry_elapsed_seconds():
+    out = FakeTty()
+    configure_logging(stream=out)
+    clock = iter([100.0, 100.5, 103.0])
+    t = Transitions(get_logger("lifecycle"), clock=lambda: next(clock))
+    t.enter("inspect")
+    assert t.enter("decide", reload=True) == 3.0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and not lines[0].lstrip().startswith("{")
+    assert "state.entered" in lines[1] and "state=decide" in lines[1]
+    assert "elapsed_s=3.0" in lines[1] and "previous_s=2.5" in lines[1]
+    out = io.StringIO()
+    configure_logging(stream=out)  # not a TTY: JSON
+    Transitions(get_logger("lifecycle"), clock=lambda: 1.0).enter("ready")
+    event = json.loads(out.getvalue())
+    assert event["event"] == "state.entered" and event["elapsed_s"] == 0.0
+    configure_logging()
