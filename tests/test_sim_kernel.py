@@ -1,8 +1,9 @@
 """The simulated kernel behaves like the real one where a restore strategy depends on it.
 
 Every test drives the running kernel process the way the daemon will: sysfs attribute writes,
-netlink requests and the stand-in tools as real subprocesses; it then checks the node's files and its
-ground truth. Waits are on the kernel's own "no event pending" answer, never on wall-clock sleeps.
+netlink requests and the stand-in tools as real subprocesses; it then checks the node's files and
+its ground truth. Waits are on the kernel's own "no event pending" answer, never on wall-clock
+sleeps.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def test_vf_netdev_appears_late_with_kernel_name_then_udev_renames_it(tiny):
         appeared = next(e for e in events if e["event"] == "netdev.appeared" and e["pci"] == pci)
         named = next(e for e in events if e["event"] == "netdev.named" and e["pci"] == pci)
         assert appeared["name"].startswith("eth")  # the kernel's name first...
-        assert named["name"] == f"enp8s0f0v{i}" and named["old"] == appeared["name"]  # ...then udev's
+        # ...then udev's
+        assert named["name"] == f"enp8s0f0v{i}" and named["old"] == appeared["name"]
         # never earlier than the scenario says (scaled); VF 3 is the late one
         assert appeared["t"] - start >= sc.scaled(sc.netdev_delay_s(pci, i)) - 1e-3
         assert named["t"] - appeared["t"] >= sc.scaled(sc.rename_delay_s(pci, i)) - 1e-3
@@ -125,7 +127,8 @@ def test_admin_mac_reaches_a_bound_vf_netdev_only_after_rebind(tiny):
     k.call("nl_set_vf", pf=PF_DEV, vf=0, change={"mac": mac})
     vf0 = k.call("state")["pfs"][PF]["vfs"]["0"]
     assert vf0["mac"] == mac and vf0["netdev_mac"] != mac
-    k.call("sysfs_write", path="sys/bus/pci/devices/0000:08:00.2/driver/unbind", value="0000:08:00.2")
+    k.call("sysfs_write", path="sys/bus/pci/devices/0000:08:00.2/driver/unbind",
+           value="0000:08:00.2")
     assert k.call("state")["pfs"][PF]["vfs"]["0"]["netdev"] is None  # unbind removes the netdev
     k.call("sysfs_write", path="sys/bus/pci/drivers/mlx5_core/bind", value="0000:08:00.2")
     k.call("wait_settled", timeout=30)
@@ -155,7 +158,8 @@ def test_vf_link_settings_on_the_netdev_and_vf_settings_on_the_pf(tiny):
     with pytest.raises(SimKernelError) as e:
         k.call("nl_set_link", name="eth7", change={"up": True})
     assert e.value.errno == errno.ENODEV
-    k.call("nl_set_vf", pf=PF_DEV, vf=3, change={"vlan": 7, "trust": False, "link_state": "disable"})
+    k.call("nl_set_vf", pf=PF_DEV, vf=3,
+           change={"vlan": 7, "trust": False, "link_state": "disable"})
     vf3 = next(v for v in k.call("nl_vfs", pf=PF_DEV) if v["index"] == 3)
     assert (vf3["vlan"], vf3["trust"], vf3["link_state"]) == (7, False, "disable")
     with pytest.raises(SimKernelError) as e:
@@ -205,7 +209,8 @@ def test_openibd_restart_takes_scaled_time_and_loads_the_installed_stack(tiny):
     loaded = next(e for e in events if e["event"] == "openibd.loaded")
     assert loaded["t"] - unloaded["t"] >= sc.scaled(sc.openibd_restart_s) - 1e-3
     for m in ("mlx5_core", "mlx5_ib", "ib_core"):
-        assert (root / f"sys/module/{m}/srcversion").read_text().strip() == sc.installed_srcversion(m)
+        loaded = (root / f"sys/module/{m}/srcversion").read_text().strip()
+        assert loaded == sc.installed_srcversion(m)
     k.call("wait_settled", timeout=30)
     st = k.call("state")
     pf = st["pfs"][PF]
@@ -253,7 +258,7 @@ def test_modules_outside_the_stack_make_openibd_fail_in_use_and_change_nothing(m
     r = tool(root, "openibd", "restart")
     assert r.returncode == 1 and "in use by" in r.stderr
     assert k.call("state") == before
-    # Unload what holds the stack (aux module, storage ULP, peermem once its user is gone): it works.
+    # Unload what holds the stack (aux module, storage ULP, peermem once its user is gone): works.
     assert tool(root, "modprobe", "-r", "mlx5_fwctl").returncode == 0
     assert tool(root, "modprobe", "-r", "nvme_rdma").returncode == 0
     assert tool(root, "rmmod", "nvidia_peermem").returncode == 1  # one user holds it
