@@ -39,6 +39,7 @@ class SimKernel(ModulesMixin, NetlinkMixin):
         self.bus = UeventBus(root, self._next_seqnum)
         self.timeline = (root / ".sim" / "timeline.jsonl").open("a", buffering=1)
         self.dirty = False
+        self.event_time: float | None = None  # due time of the event being applied, if any
 
     def _next_seqnum(self) -> int:
         self.st.uevent_seqnum += 1
@@ -48,7 +49,10 @@ class SimKernel(ModulesMixin, NetlinkMixin):
     def schedule(self, delay_s: float, event: dict[str, Any]) -> None:
         """Run `event` after `delay_s` scaled seconds (persisted: it survives a restart)."""
         self.st.seq += 1
-        heapq.heappush(self.st.pending, [self.now() + self.sc.scaled(delay_s), self.st.seq, event])
+        # An event caused by another one counts from that one's due time, not from when this
+        # process got round to it: a loaded machine delays events but never reorders them.
+        base = self.event_time if self.event_time is not None else self.now()
+        heapq.heappush(self.st.pending, [base + self.sc.scaled(delay_s), self.st.seq, event])
         self.dirty = True
 
     def next_due(self) -> float | None:
@@ -57,13 +61,18 @@ class SimKernel(ModulesMixin, NetlinkMixin):
     def advance(self) -> None:
         """Apply every pending event that is due, in time order (catches up after a restart)."""
         while self.st.pending and self.st.pending[0][0] <= self.now():
-            _due, _seq, ev = heapq.heappop(self.st.pending)
-            getattr(self, "_ev_" + ev["kind"])(**{k: v for k, v in ev.items() if k != "kind"})
+            due, _seq, ev = heapq.heappop(self.st.pending)
+            self.event_time = due
+            try:
+                getattr(self, "_ev_" + ev["kind"])(**{k: v for k, v in ev.items() if k != "kind"})
+            finally:
+                self.event_time = None
             self.dirty = True
 
     def note(self, what: str, **fields: Any) -> None:
         """One line of the kernel's own timeline (what happened, when)."""
-        self.timeline.write(json.dumps({"t": round(self.now(), 6), "event": what, **fields}) + "\n")
+        t = self.event_time if self.event_time is not None else self.now()  # kernel time
+        self.timeline.write(json.dumps({"t": round(t, 6), "event": what, **fields}) + "\n")
 
     # ---- netdevs ---------------------------------------------------------------------------
     def _kernel_name(self, link_type: int) -> str:
@@ -99,30 +108,35 @@ class SimKernel(ModulesMixin, NetlinkMixin):
             return
         n = self.st.seq
         if vf is None:
-            address = pf.mac if pf.link == "eth" else ipoib_address(derived_guid(self.sc.seed, pci, "pf", "port"))
+            address = (pf.mac if pf.link == "eth"
+                       else ipoib_address(derived_guid(self.sc.seed, pci, "pf", "port")))
             final, mtu, guids = pf.name, pf.default_mtu, (None, None)
         else:
             a = vf.admin
-            node = a["node_guid"] if a["node_guid"] != ZERO_GUID else derived_guid(self.sc.seed, pci, n, "node")
-            port = a["port_guid"] if a["port_guid"] != ZERO_GUID else derived_guid(self.sc.seed, pci, n, "port")
+            node = (a["node_guid"] if a["node_guid"] != ZERO_GUID
+                    else derived_guid(self.sc.seed, pci, n, "node"))
+            port = (a["port_guid"] if a["port_guid"] != ZERO_GUID
+                    else derived_guid(self.sc.seed, pci, n, "port"))
             if pf.link == "ib":
                 address, guids = ipoib_address(port), (node, port)
             else:
-                address = a["mac"] if a["mac"] != ZERO_MAC else derived_mac(self.sc.seed, pci, f"bind{n}")
+                address = (a["mac"] if a["mac"] != ZERO_MAC
+                           else derived_mac(self.sc.seed, pci, f"bind{n}"))
                 guids = (None, None)
             final, mtu = pf.vf_final_name(vf.index), pf.default_mtu
         ifindex = self.st.next_ifindex
         self.st.next_ifindex += 1
         name = self._kernel_name(pf.link_type) if self.sc.rename else final
-        nd = Netdev(ifindex, name, final, pci, pf.link_type, mtu, False, address, not self.sc.rename,
-                    *guids)
+        nd = Netdev(ifindex, name, final, pci, pf.link_type, mtu, False, address,
+                    not self.sc.rename, *guids)
         self.st.netdevs[ifindex] = nd
         owner.netdev = ifindex
         self.tree.netdev(nd)
         self.note("netdev.appeared", name=name, pci=pci)
         if self.sc.rename:
             idx = vf.index if vf else None
-            self.schedule(self.sc.rename_delay_s(pci, idx), {"kind": "netdev_named", "ifindex": ifindex})
+            delay = self.sc.rename_delay_s(pci, idx)
+            self.schedule(delay, {"kind": "netdev_named", "ifindex": ifindex})
         else:
             self.bus.emit("add", self._devpath(nd), "net", INTERFACE=name, IFINDEX=str(ifindex))
 
@@ -149,7 +163,8 @@ class SimKernel(ModulesMixin, NetlinkMixin):
             if vf.driver is not None:
                 raise KernelError(errno.EBUSY, f"{vf.pci} is already bound to {vf.driver}")
             if vf.driver_override and vf.driver_override != driver:
-                raise KernelError(errno.ENODEV, f"{vf.pci}: driver_override is {vf.driver_override}")
+                raise KernelError(errno.ENODEV,
+                                  f"{vf.pci}: driver_override is {vf.driver_override}")
             vf.driver = driver
         owner.bind_seq += 1
         self.bus.emit("bind", f"/{PCI_PARENT}/{owner.pci}", "pci", DRIVER=driver)
@@ -185,7 +200,8 @@ class SimKernel(ModulesMixin, NetlinkMixin):
             self.remove_vfs(pf)
             return
         for i in range(n):
-            vf = Vf(index=i, pci=vf_pci(pf.pci, i), driver=None, admin=dict(ADMIN_DEFAULTS))
+            vf = Vf(index=i, pci=vf_pci(pf.pci, i, pf.vf_offset), driver=None,
+                    admin=dict(ADMIN_DEFAULTS))
             pf.vfs.append(vf)
             self.tree.function(self.st, pf, vf)
             self.bus.emit("add", f"/{PCI_PARENT}/{vf.pci}", "pci", PCI_SLOT_NAME=vf.pci)

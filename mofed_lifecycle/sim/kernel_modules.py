@@ -2,9 +2,10 @@
 
 `openibd restart` is two calls from the stand-in script around its own duration: `openibd_stop`
 (refuse if a module outside the stack holds it, remove every VF and netdev, unload the stack) and
-`openibd_start` (load the installed stack, bring the PFs back). Killing the script between them leaves
-the node without a driver, as on a real node. While the stack is out, the host's udev tries to load
-its own mlx5_core by alias: a `blacklist` line in `etc/modprobe.d` stops it, as it stops modprobe.
+`openibd_start` (load the installed stack, bring the PFs back). Killing the script between them
+leaves the node without a driver, as on a real node. While the stack is out, the host's udev tries
+to load its own mlx5_core by alias: a `blacklist` line in `etc/modprobe.d` stops it, as it stops
+modprobe.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class ModulesMixin:
         if not exporter or exporter not in self.st.modules:
             raise KernelError(errno.ENOENT, "could not insert 'nvidia_peermem': Unknown symbol in "
                               "module, or unknown parameter (see dmesg)")
-        built_for = self.sc.installed_version if gpu.peermem_ko == "matching" else self.sc.loaded_version
+        built_for = (self.sc.installed_version if gpu.peermem_ko == "matching"
+                     else self.sc.loaded_version)
         if gpu.peermem_ko == "stub" or core.version != built_for:
             raise KernelError(errno.EINVAL, "could not insert 'nvidia_peermem': Invalid argument")
         uses = sorted({"ib_core", exporter})
@@ -135,12 +137,14 @@ class ModulesMixin:
         self.unload_module(name)
         removed = [name]
         for dep in deps:
-            if dep in self.st.modules and not self.st.holders(dep) and not self.st.modules[dep].users:
+            if (dep in self.st.modules and not self.st.holders(dep)
+                    and not self.st.modules[dep].users):
                 removed += self.remove_module(dep)
         return removed
 
     def _modules_changed(self: SimKernel) -> None:
-        self.st.loaded_version = self.st.modules["mlx5_core"].version if "mlx5_core" in self.st.modules else ""
+        core = self.st.modules.get("mlx5_core")
+        self.st.loaded_version = core.version if core is not None else ""
         self.tree.modules(self.st)
         self.dirty = True
 

@@ -60,7 +60,8 @@ class NetlinkMixin:
         return self.link_info(nd) if nd else None
 
     def nl_links(self: SimKernel) -> list[dict[str, Any]]:
-        return [self.link_info(nd) for nd in sorted(self.st.netdevs.values(), key=lambda n: n.ifindex)]
+        netdevs = sorted(self.st.netdevs.values(), key=lambda n: n.ifindex)
+        return [self.link_info(nd) for nd in netdevs]
 
     def nl_vfs(self: SimKernel, pf_name: str) -> list[dict[str, Any]]:
         nd = self._netdev(pf_name)

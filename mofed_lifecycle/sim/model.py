@@ -72,6 +72,7 @@ class Pf:
     bind_seq: int = 0
     netdev: int | None = None
     default_mtu: int = 1500
+    vf_offset: int = 2  # sriov_offset (see scenario.vf_offsets)
 
     def vf_final_name(self, index: int) -> str:
         return self.vf_name.format(vf=index, pf=self.name)
@@ -151,14 +152,16 @@ def initial_state(sc: Scenario) -> KernelState:
 
         exporter = peer_exporter(sc.loaded_version) or "ib_core"
         uses = sorted({"ib_core", exporter})
-        st.modules["nvidia_peermem"] = Module("nvidia_peermem", sc.host_srcversion("nvidia_peermem"),
-                                              "nvidia", uses, users=sc.gpu.peermem_users)
+        srcversion = sc.host_srcversion("nvidia_peermem")
+        st.modules["nvidia_peermem"] = Module("nvidia_peermem", srcversion, "nvidia", uses,
+                                              users=sc.gpu.peermem_users)
     for spec in sc.pfs:
         pf = Pf(pci=spec.pci, name=spec.name, link=spec.link, link_type=spec.link_type,
                 mac=spec.mac, totalvfs=spec.totalvfs, vf_name=spec.vf_name, eswitch=spec.eswitch,
-                default_mtu=2044 if spec.link == "ib" else 1500)
+                default_mtu=2044 if spec.link == "ib" else 1500, vf_offset=spec.vf_offset)
         st.pfs[spec.pci] = pf
-        pf.netdev = _add_netdev(st, spec.name, spec.pci, spec.link_type, spec.mtu, spec.up, spec.mac)
+        pf.netdev = _add_netdev(st, spec.name, spec.pci, spec.link_type, spec.mtu, spec.up,
+                                spec.mac)
         for v in spec.vfs:
             driver = None if v.driver == "none" else v.driver
             vf = Vf(index=v.index, pci=v.pci, driver=driver, admin=_vf_admin(spec, v))

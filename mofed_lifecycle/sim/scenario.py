@@ -156,6 +156,7 @@ class PfSpec:
     vf_name: str
     mac: str
     vfs: tuple[VfSpec, ...]
+    vf_offset: int = 2  # sriov_offset: first VF's routing ID - the PF's (stride is 1)
 
     @property
     def link_type(self) -> int:
@@ -212,13 +213,19 @@ class Scenario:
 
     def vf_ready_delay_s(self, pf: PfSpec, index: int) -> float:
         """Scaled time from a VF's bind until udev has finished naming its netdev."""
-        pci = vf_pci(pf.pci, index)
+        pci = vf_pci(pf.pci, index, pf.vf_offset)
         return self.scaled(self.netdev_delay_s(pci, index) + self.rename_delay_s(pci, index))
 
     def restore_limit_s(self) -> float:
-        """The floor of any restore: every VF bound once, the slowest netdev ready (scaled)."""
+        """The floor of any restore: every VF bound once, the slowest netdev ready (scaled).
+
+        Only VFs that have a netdev count: one bound to vfio-pci (or left unbound) has none to wait
+        for.
+        """
         return max(
-            (self.vf_ready_delay_s(pf, v.index) for pf in self.pfs for v in pf.vfs), default=0.0
+            (self.vf_ready_delay_s(pf, v.index) for pf in self.pfs for v in pf.vfs
+             if v.driver == "mlx5_core"),
+            default=0.0,
         )
 
     def host_srcversion(self, module: str) -> str:
@@ -288,7 +295,8 @@ def _vf_settings(where: str, raw: Any) -> dict[str, Any]:
     r = _Reader(where, raw)
     unknown = set(raw) - VF_KEYS
     if unknown:
-        raise r.fail(sorted(unknown)[0], f"unknown VF setting (known: {', '.join(sorted(VF_KEYS))})")
+        known = ", ".join(sorted(VF_KEYS))
+        raise r.fail(sorted(unknown)[0], f"unknown VF setting (known: {known})")
     out: dict[str, Any] = {}
     checks = {
         "mac": (str, lambda v: MAC_RE.match(v.lower())),
@@ -312,7 +320,7 @@ def _vf_settings(where: str, raw: Any) -> dict[str, Any]:
     return out
 
 
-def _pf(where: str, raw: Any, seed: int) -> PfSpec:
+def _pf(where: str, raw: Any, seed: int, vf_offset: int = 2) -> PfSpec:
     r = _Reader(where, raw)
     pci = r.get("pci", str, check=lambda v: PCI_RE.match(v)).lower()
     name = r.get("name", str, check=lambda v: NAME_RE.match(v))
@@ -341,7 +349,7 @@ def _pf(where: str, raw: Any, seed: int) -> PfSpec:
             raise r.fail(f"vf.{i}.mac", "IB VFs have GUIDs, not MACs")
         if not ib and ("node_guid" in s or "port_guid" in s):
             raise r.fail(f"vf.{i}", "Ethernet VFs have no GUIDs")
-        p = vf_pci(pci, i)
+        p = vf_pci(pci, i, vf_offset)
         vfs.append(
             VfSpec(
                 index=i,
@@ -365,7 +373,54 @@ def _pf(where: str, raw: Any, seed: int) -> PfSpec:
         vf_name=vf_name,
         mac=derived_mac(seed, pci, "pf"),
         vfs=tuple(vfs),
+        vf_offset=vf_offset,
     )
+
+
+def _rid(pci: str) -> int:
+    _dom, bus, devfn = pci.split(":")
+    dev, fn = devfn.split(".")
+    return int(bus, 16) << 8 | int(dev, 16) << 3 | int(fn)
+
+
+def vf_offsets(pfs: tuple[PfSpec, ...]) -> dict[str, int]:
+    """sriov_offset per PF, laid out as ConnectX firmware does for the ports of one adapter.
+
+    The lowest PF function of a device listed has its VFs at its routing ID + 2; each further PF of
+    the same device (same domain:bus:dev) starts its VFs right after the previous one's `totalvfs`
+    range (a dual-port card with 8 VFs per port: PF .0 -> .2 to 01.1, PF .1 -> 01.2 on).
+    """
+    groups: dict[str, list[PfSpec]] = {}
+    for p in pfs:
+        groups.setdefault(p.pci.rsplit(".", 1)[0], []).append(p)
+    out: dict[str, int] = {}
+    for group in groups.values():
+        group.sort(key=lambda p: _rid(p.pci))
+        first_vf = _rid(group[0].pci) + 2
+        for p in group:
+            out[p.pci] = first_vf - _rid(p.pci)
+            first_vf += p.totalvfs
+    return out
+
+
+def _check_unique_functions(where: str, pfs: tuple[PfSpec, ...]) -> None:
+    """No two PCI functions at one address, no two netdevs with one name (else the node is wrong
+    silently: a VF range running into another PF, or a vf_name without {vf})."""
+    functions: dict[str, str] = {p.pci: f"PF {p.name}" for p in pfs}
+    netdevs: dict[str, str] = {p.name: f"PF {p.pci}" for p in pfs}
+    for p in pfs:
+        for v in p.vfs:
+            what = f"VF {v.index} of PF {p.pci}"
+            if v.pci in functions:
+                raise ScenarioError(f"{where}: {what} would be at {v.pci}, already "
+                                    f"{functions[v.pci]} (VFs are at the PF's routing ID + "
+                                    f"{p.vf_offset} + index)")
+            functions[v.pci] = what
+            name = p.vf_final_name(v.index)
+            if name in netdevs:
+                raise ScenarioError(f"{where}: {what} would be named {name!r}, already "
+                                    f"{netdevs[name]} (check vf_name)")
+            netdevs[name] = what
 
 
 def parse_scenario(text: str, where: str = "scenario") -> Scenario:
@@ -413,6 +468,13 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
         seen = [getattr(p, attr) for p in pfs]
         if len(seen) != len(set(seen)):
             raise ScenarioError(f"{where}: two [[pf]] share a {attr}")
+    offsets = vf_offsets(pfs)
+    pfs = tuple(
+        pf if offsets[pf.pci] == pf.vf_offset
+        else _pf(f"{where}: [[pf]] #{i + 1}", pfs_raw[i], seed, offsets[pf.pci])
+        for i, pf in enumerate(pfs)
+    )
+    _check_unique_functions(where, pfs)
     return Scenario(
         name=node.get("name", str, Path(where).stem or "node"),
         kernel=node.get("kernel", str, "5.15.0-generic", check=lambda v: KERNEL_RE.match(v)),

@@ -79,8 +79,8 @@ class KernelServer:
             "nl_vfs": lambda: k.nl_vfs(args["pf"]),
             "nl_set_vf": lambda: k.nl_set_vf(args["pf"], args["vf"], args["change"]),
             "nl_set_link": lambda: k.nl_set_link(args["name"], args["change"]),
-            "modprobe": lambda: [x for n in args["names"]
-                                 for x in k.load_module(n, use_blacklist=args.get("blacklist", False))],
+            "modprobe": lambda: [x for n in args["names"] for x in
+                                 k.load_module(n, use_blacklist=args.get("blacklist", False))],
             "modprobe_remove": lambda: [x for n in args["names"] for x in k.remove_module(n)],
             "rmmod": lambda: k.unload_module(args["name"]),
             "lsmod": k.lsmod_rows,

@@ -12,8 +12,10 @@ class SimSysfs:
         self.client = client
 
     def write(self, path: Path, value: str) -> None:
-        rel = Path(path).resolve().relative_to(self.client.root) if Path(path).is_absolute() else path
+        rel = (Path(path).resolve().relative_to(self.client.root) if Path(path).is_absolute()
+               else path)
         try:
             self.client.call("sysfs_write", path=str(rel), value=value)
         except SimKernelError as e:
-            raise OSError(e.errno, f"writing {value!r} to {path}: {e.strerror}", str(path)) from None
+            raise OSError(e.errno, f"writing {value!r} to {path}: {e.strerror}",
+                          str(path)) from None

@@ -92,10 +92,12 @@ class Tree:
             self._ko(mods / rel, m, sc.installed_version, sc.installed_srcversion(m), deps)
             dep_lines.append(f"{rel}: " + " ".join(f"updates/{d}.ko" for d in deps))
             host_deps = deps_for(sc.loaded_version, m)
-            self._ko(mods / f"kernel/{m}.ko", m, sc.loaded_version, sc.host_srcversion(m), host_deps)
+            self._ko(mods / f"kernel/{m}.ko", m, sc.loaded_version, sc.host_srcversion(m),
+                     host_deps)
         _write(mods / "modules.dep", "\n".join(dep_lines) + "\n")
 
-    def _ko(self, path: Path, name: str, version: str, srcversion: str, deps: tuple[str, ...]) -> None:
+    def _ko(self, path: Path, name: str, version: str, srcversion: str,
+            deps: tuple[str, ...]) -> None:
         lines = [
             "# simulated kernel module: read by the simulated modinfo/modprobe",
             f"name={name}",
@@ -148,7 +150,8 @@ class Tree:
         for i, m in enumerate(sorted(st.modules.values(), key=lambda m: m.name)):
             used_by = "".join(h + "," for h in st.holders(m.name)) or "-"
             addr = 0xFFFFFFFFC0A00000 + i * 0x40000
-            lines.append(f"{m.name} {65536 + 4096 * i} {st.refcnt(m.name)} {used_by} Live 0x{addr:x}")
+            size = 65536 + 4096 * i
+            lines.append(f"{m.name} {size} {st.refcnt(m.name)} {used_by} Live 0x{addr:x}")
         _write(self.root / "proc/modules", "\n".join(lines) + ("\n" if lines else ""))
         self.kallsyms(st)
         self.driver_dir("mlx5_core", present="mlx5_core" in st.modules)
@@ -221,7 +224,7 @@ class Tree:
         _write(f"{d}/sriov_totalvfs", f"{pf.totalvfs}\n")
         _write(f"{d}/sriov_numvfs", f"{len(pf.vfs) if bound else 0}\n")
         _write(f"{d}/sriov_drivers_autoprobe", f"{int(pf.autoprobe)}\n")
-        _write(f"{d}/sriov_offset", "2\n")
+        _write(f"{d}/sriov_offset", f"{pf.vf_offset}\n")
         _write(f"{d}/sriov_stride", "1\n")
         _write(f"{d}/sriov_vf_device", DEVICE_ID["vf"][2:] + "\n")
         have = {v.index for v in pf.vfs}

@@ -34,7 +34,8 @@ def umockdev_preload() -> str | None:
 
 
 def umockdev_env(root: Path, env: dict[str, str] | None = None) -> dict[str, str] | None:
-    """An environment whose libudev sees `root` as /sys and receives its uevents (None: no umockdev)."""
+    """An environment whose libudev sees `root` as /sys and receives its uevents
+    (None: no umockdev)."""
     lib = umockdev_preload()
     if lib is None:
         return None
