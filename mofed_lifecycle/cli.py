@@ -134,9 +134,36 @@ def _not_implemented(what: str, issue: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .host.node import open_node
+
     config = load_config(os.environ)
-    get_logger("cli").info("config.loaded", **config.loggable())
-    return _not_implemented("run", "the lifecycle issue")
+    if config.entrypoint_debug:
+        debug_file = open_debug_trace(args.root, config.debug_log_file)
+        configure_logging(json=None if args.log_format == "auto" else args.log_format == "json",
+                          level="debug", also=debug_file)
+    get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
+    node = open_node(args.root)
+    try:
+        if args.dry_run:
+            from .lifecycle.dry_run import dry_run
+
+            _proceed, text = dry_run(node, config)
+            print(text)
+            return EXIT_OK
+        from .lifecycle.runner import run_lifecycle
+
+        return run_lifecycle(node, config, once=args.once)
+    finally:
+        node.close()
+
+
+def open_debug_trace(root: Path, node_path: str):  # noqa: ANN201 - a text file object
+    """ENTRYPOINT_DEBUG: every log event, at debug level, also goes to DEBUG_LOG_FILE."""
+    from .host.paths import NodePaths
+
+    path = NodePaths.at(root).resolve(node_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", buffering=1)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -181,8 +208,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"report written to {args.report}")
     if args.keep or args.root:
         print(f"node kept at {result.root}")
-    ok = result.report["outcome"] in ("ready", run.LIFECYCLE_PENDING)
-    return EXIT_OK if ok else EXIT_FAILED
+    return EXIT_OK if result.report["outcome"] == "ready" else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

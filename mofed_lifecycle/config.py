@@ -56,6 +56,19 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_positive_seconds(text: str) -> float:
+    value = parse_seconds(text)
+    if value <= 0:
+        raise ValueError("expected a number of seconds greater than 0")
+    return value
+
+
+def parse_attempts(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise ValueError("expected a whole number of attempts from 1 to 100")
+    return int(text)
+
+
 def _module_list(sep: str, what: str) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(n for n in (p.strip() for p in text.split(sep)) if n)
@@ -184,6 +197,13 @@ SPECS: tuple[Spec, ...] = (
          "/run/mellanox/drivers/usr/src", "where /usr/src (ofa_kernel headers) is shared"),
     Spec("MLX_UDEV_RULES_FILE", "udev_rules_file", parse_abs_path,
          "/host/etc/udev/rules.d/77-mlnx-net-names.rules", "the short-name udev rule"),
+    # mofed-lifecycle's own settings (not in today's container): bounds on waits and retries.
+    Spec("OPENIBD_TIMEOUT_SEC", "openibd_timeout_s", parse_positive_seconds, "600",
+         "one `openibd restart` may take this long before it is killed and retried"),
+    Spec("OPENIBD_ATTEMPTS", "openibd_attempts", parse_attempts, "3",
+         "`openibd restart` attempts before the reload counts as failed"),
+    Spec("RECHECK_INTERVAL_SEC", "recheck_interval_s", parse_positive_seconds, "60",
+         "after a refused or failed reload: seconds between re-checks (the daemon stays up)"),
     Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",
          "Ubuntu Pro token (a secret: never logged)", empty_is_value=True, secret=True),
 )
@@ -220,6 +240,9 @@ class Config:
     drivers_mount: str
     shared_kernel_headers_dir: str
     udev_rules_file: str
+    openibd_timeout_s: float
+    openibd_attempts: int
+    recheck_interval_s: float
     ubuntu_pro_token: str
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the secret

@@ -20,10 +20,31 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 
+class _Tee:
+    """Writes each log line to two streams (ENTRYPOINT_DEBUG's trace file beside stderr)."""
+
+    def __init__(self, first: TextIO, second: TextIO) -> None:
+        self.first, self.second = first, second
+
+    def write(self, text: str) -> None:
+        self.first.write(text)
+        self.second.write(text)
+
+    def flush(self) -> None:
+        self.first.flush()
+        self.second.flush()
+
+    def isatty(self) -> bool:
+        return self.first.isatty()
+
+
 def configure_logging(*, json: bool | None = None, level: str = "info",
-                      stream: TextIO | None = None) -> None:
-    """Set up structlog. `json=None`: JSON unless `stream` (default stderr) is a terminal."""
-    out = stream or sys.stderr
+                      stream: TextIO | None = None, also: TextIO | None = None) -> None:
+    """Set up structlog. `json=None`: JSON unless `stream` (default stderr) is a terminal;
+    `also`: a second stream that receives every line too."""
+    out: Any = stream or sys.stderr
+    if also is not None:
+        out = _Tee(out, also)
     if json is None:
         json = not (hasattr(out, "isatty") and out.isatty())
     renderer: Any = (structlog.processors.JSONRenderer(sort_keys=False) if json

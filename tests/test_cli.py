@@ -93,18 +93,22 @@ def test_sim_init_refuses_a_non_empty_directory_and_force_rebuilds_a_node(tmp_pa
         stop_kernel(node)
 
 
-@pytest.mark.parametrize("command", ["run", "peermem"])
-def test_commands_of_later_issues_say_so_and_fail(command):
-    r = cli(command)
+def test_peermem_says_it_is_not_implemented_yet_and_fails():
+    r = cli("peermem")
     assert r.returncode == 1 and "not implemented yet" in r.stderr
 
 
-def test_logs_are_json_lines_with_event_names_off_a_tty():
-    r = cli("run")
-    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+def test_logs_are_json_lines_with_event_names_off_a_tty(tmp_path: Path):
+    r = cli("run", "--root", str(tmp_path), "--once")  # an empty root: inspect fails at once
+    assert r.returncode == 1
+    events = [json.loads(line) for line in r.stderr.splitlines()]  # every line is an event
     loaded = next(e for e in events if e["event"] == "config.loaded")
     assert loaded["component"] == "cli" and loaded["level"] == "info" and "timestamp" in loaded
     assert loaded["driver_version"] == "25.07-0.9.7"
+    failed = next(e for e in events if e["event"] == "step.failed")
+    assert failed["state"] == "inspect" and "proc/modules" in failed["error"] and failed["next"]
+    assert [e["state"] for e in events if e["event"] == "state.entered"] == [
+        "lock", "inspect", "failed"]
 
 
 class FakeTty(io.StringIO):

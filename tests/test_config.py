@@ -99,12 +99,12 @@ def test_cli_exits_2_with_one_line_and_no_traceback():
     assert "Traceback" not in r.stderr
 
 
-def test_the_secret_is_never_printed_nor_logged():
+def test_the_secret_is_never_printed_nor_logged(tmp_path):
     r = cli("config", env={**BASE, "UBUNTU_PRO_TOKEN": SECRET})
     assert r.returncode == 0 and SECRET not in r.stdout + r.stderr
     assert '"ubuntu_pro_token": "(set)"' in r.stdout
-    r = cli("run", env={**BASE, "UBUNTU_PRO_TOKEN": SECRET})  # logs the config it loaded
-    assert "config.loaded" in r.stderr and SECRET not in r.stdout + r.stderr
+    r = cli("run", "--root", str(tmp_path), "--once", env={**BASE, "UBUNTU_PRO_TOKEN": SECRET})
+    assert "config.loaded" in r.stderr and SECRET not in r.stdout + r.stderr  # logs its config
     assert SECRET not in repr(load_config({**BASE, "UBUNTU_PRO_TOKEN": SECRET}))
 
 

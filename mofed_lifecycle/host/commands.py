@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -12,6 +13,19 @@ from dataclasses import dataclass
 from ..log import get_logger
 
 OUTPUT_LOG_LIMIT = 4000  # characters of stdout/stderr kept in one log event
+PR_SET_PDEATHSIG = 1
+try:  # loaded once here: a forked child must not dlopen
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the daemon dies, as every process of a restarted container
+    (or a stopped unit's cgroup) does. A child left running would swap the driver under the next
+    run's feet."""
+    if _PRCTL is not None:  # elsewhere (not Linux/glibc) the child may outlive us
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ def run_command(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str]
         proc = subprocess.Popen(  # noqa: S603 - argument list, never a shell
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env=dict(env) if env is not None else None, start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work (prctl)
         )
     except OSError as e:
         log.error("command.not_started", argv=list(argv), error=e.strerror,

@@ -1,0 +1,141 @@
+"""Kernel modules on the node: the holder graph, srcversions, and modprobe. A thin adapter.
+
+Reads go through `NodePaths` (`/proc/modules`, `/sys/module/<m>/...` under the root); the tools
+(`modinfo`, `modprobe`) run through `run_command` with the caller's environment, so PATH decides
+whose tools they are (the node's, or a simulated node's stand-ins). The decisions built on these
+readings live in `lifecycle/decide.py` and `lifecycle/preflight.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+from ..lifecycle.preflight import ModuleFacts
+from ..log import get_logger
+from .commands import CommandResult, run_command
+from .paths import NodePaths
+
+NOT_LOADED_MARK = "is not in kernel"  # kmod's `modprobe -r` of a module that is not loaded
+
+
+class ModuleCommandError(OSError):
+    """modinfo/modprobe failed: the message has the command, its stderr and what to do next."""
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), returncode: int | None = None,
+                 stderr: str = "") -> None:
+        super().__init__(message)
+        self.argv, self.returncode, self.stderr = tuple(argv), returncode, stderr
+
+
+def _canon(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def parse_proc_modules(text: str) -> dict[str, ModuleFacts]:
+    """`name size refcnt usedby, state addr [taints]` lines; used-by is `a,b,` or `-`."""
+    out: dict[str, ModuleFacts] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        try:
+            refcnt = int(parts[2])
+        except ValueError:  # "-": a kernel without module unloading
+            refcnt = 0
+        used_by = parts[3] if len(parts) > 3 else "-"
+        items = [u for u in used_by.split(",") if u and u != "-"]
+        holders = tuple(_canon(u) for u in items if not u.startswith("["))
+        name = _canon(parts[0])
+        out[name] = ModuleFacts(name, refcnt, holders, permanent="[permanent]" in items)
+    return out
+
+
+def read_module_facts(paths: NodePaths) -> dict[str, ModuleFacts]:
+    """Every loaded module, holders = /proc/modules' used-by ∪ /sys/module/<m>/holders/."""
+    facts = parse_proc_modules(paths.proc_modules.read_text())
+    for name, f in facts.items():
+        try:
+            extra = sorted(_canon(h) for h in os.listdir(paths.module(name) / "holders"))
+        except OSError:  # no /sys/module/<m> (or no holders/): /proc/modules is all we have
+            continue
+        holders = tuple(dict.fromkeys((*f.holders, *extra)))
+        facts[name] = ModuleFacts(name, f.refcnt, holders, f.permanent)
+    return facts
+
+
+def loaded_srcversions(paths: NodePaths, modules: Iterable[str]) -> dict[str, str | None]:
+    """`/sys/module/<m>/srcversion` per module; None when absent (not loaded, or built in)."""
+    out: dict[str, str | None] = {}
+    for m in modules:
+        try:
+            out[m] = (paths.module(_canon(m)) / "srcversion").read_text().strip() or None
+        except OSError:
+            out[m] = None
+    return out
+
+
+def _run(argv: list[str], env: Mapping[str, str], timeout_s: float, what: str) -> CommandResult:
+    """run_command, with failures to start or to finish turned into ModuleCommandError."""
+    try:
+        return run_command(argv, timeout_s=timeout_s, env=env, what=what)
+    except TimeoutError:
+        raise ModuleCommandError(
+            f"{' '.join(argv)} did not finish within {timeout_s:g}s (killed): a module may be "
+            "stuck loading or unloading; see `dmesg` and the process list, then retry",
+            argv=argv) from None
+    except OSError as e:
+        raise ModuleCommandError(
+            f"{' '.join(argv)} could not be started ({e.strerror or e}); is kmod installed and "
+            f"{argv[0]} on PATH?", argv=argv) from None
+
+
+def installed_srcversions(modules: Iterable[str], env: Mapping[str, str],
+                          timeout_s: float) -> dict[str, str | None]:
+    """`modinfo -F srcversion <m>` per module; None on empty output or a non-zero exit."""
+    out: dict[str, str | None] = {}
+    for m in modules:
+        r = _run(["modinfo", "-F", "srcversion", m], env, timeout_s, f"srcversion of {m}")
+        lines = r.stdout.strip().splitlines() if r.ok else []
+        out[m] = lines[0].strip() if lines and lines[0].strip() else None
+    return out
+
+
+def _failed(argv: list[str], r: CommandResult, next_step: str) -> ModuleCommandError:
+    err = " ".join(r.stderr.split()) or "(no output on stderr)"
+    return ModuleCommandError(f"{' '.join(argv)} failed (exit {r.returncode}): {err}; {next_step}",
+                              argv=argv, returncode=r.returncode, stderr=r.stderr)
+
+
+def modprobe(names: Iterable[str], env: Mapping[str, str], timeout_s: float) -> None:
+    """`modprobe <m>` for each module in turn; the first failure raises ModuleCommandError."""
+    for m in names:
+        argv = ["modprobe", m]
+        step = (f"see `dmesg` for the kernel's reason; check `modinfo {m}` shows the installed "
+                "driver's module (same version as mlx5_core), then retry")
+        r = _run(argv, env, timeout_s, f"load {m}")
+        if not r.ok:
+            raise _failed(argv, r, step)
+
+
+def modprobe_remove(names: Iterable[str], env: Mapping[str, str], timeout_s: float) -> None:
+    """`modprobe -r <m>` for each module, in the order given (holders first).
+
+    A module that is already gone (an earlier `modprobe -r` took it as an unused dependency) is
+    fine; any other failure raises ModuleCommandError and leaves the rest loaded."""
+    log = get_logger("modules")
+    for m in names:
+        argv = ["modprobe", "-r", m]
+        step = (f"something started using {m} after the preflight check: see `lsmod`, "
+                f"/sys/module/{_canon(m)}/holders and its open devices, stop that user, then retry")
+        r = _run(argv, env, timeout_s, f"unload {m}")
+        if r.ok:
+            continue
+        if NOT_LOADED_MARK in r.stderr:
+            log.info("module.already_unloaded", module=m, stderr=r.stderr.strip())
+            continue
+        raise _failed(argv, r, step)
+
+
+__all__ = ["ModuleCommandError", "installed_srcversions", "loaded_srcversions", "modprobe",
+           "modprobe_remove", "parse_proc_modules", "read_module_facts"]

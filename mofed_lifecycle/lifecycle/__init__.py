@@ -1,0 +1,1 @@
+"""The driver lifecycle: states, decisions, journal and the runner that drives them."""

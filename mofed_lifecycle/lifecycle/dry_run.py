@@ -1,0 +1,40 @@
+"""`run --dry-run`: the decision and the plan from read-only inspection; nothing is touched."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..host.modules import installed_srcversions, loaded_srcversions, read_module_facts
+from ..host.node import Node
+from .decide import compared_modules, decide
+from .preflight import plan
+from .steps import TOOL_TIMEOUT_S
+
+
+def dry_run(node: Node, config: Config) -> tuple[bool, str]:
+    """(would proceed, text): what `run` would do now on this node, and why."""
+    modules = compared_modules(config)
+    decision = decide(loaded_srcversions(node.paths, modules),
+                      installed_srcversions(modules, node.env, TOOL_TIMEOUT_S), modules)
+    lines = [f"decision: {decision.explain()}"]
+    if not decision.reload:
+        lines.append("would not reload: the installed driver is loaded; would set the readiness "
+                     f"marker {config.driver_ready_path} and serve")
+        return True, "\n".join(lines)
+    pre = plan(read_module_facts(node.paths), config)
+    if pre.refused:
+        lines.append(f"would refuse the reload: {pre.refused}")
+        lines.append("would change nothing, stay up not ready, and re-check every "
+                     f"{config.recheck_interval_s:g}s")
+        return False, "\n".join(lines)
+    lines += [
+        f"would write the blacklist {config.blacklist_file} "
+        f"({', '.join(config.blacklist_modules)})",
+        "would unload first: " + (", ".join(pre.unload) or "nothing (no module outside the "
+                                                          "driver stack holds it)"),
+        f"would run `/etc/init.d/openibd restart` (timeout {config.openibd_timeout_s:g}s, "
+        f"{config.openibd_attempts} attempts)",
+        "would load again: " + (", ".join(pre.reload_after) or "nothing"),
+        f"would remove the blacklist, check the loaded srcversions and set the marker "
+        f"{config.driver_ready_path}",
+    ]
+    return True, "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Drives the state machine on a node: performs each state's step, journals every transition.
+
+`Runner.run()` is `mofed-lifecycle run`: take the lock, clean up what a killed predecessor left (its
+blacklist, the marker), then walk the states from `machine.TRANSITIONS`. Every run starts from the
+node as it is and the journal of the previous run, so a restart after SIGKILL at any point resumes:
+a node left without a driver is reloaded, a blacklist left on the host is removed.
+
+Signals: SIGTERM/SIGINT set a stop request, honoured at the next state boundary outside the critical
+section (see machine.py); waits (serve, re-check) wake at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..host.commands import CommandTimeout
+from ..host.files import InstanceLock, LockHeld, remove_file
+from ..host.modules import ModuleCommandError
+from ..host.node import Node
+from ..log import Transitions, get_logger
+from .decide import Decision
+from .journal import JOURNAL_DIR, Journal
+from .machine import Outcome, State, next_state
+from .preflight import Preflight
+from .steps import StepFailed, Steps
+
+EXIT_OK, EXIT_FAILED = 0, 1
+CRASH_AT_ENV = "MOFED_LIFECYCLE_CRASH_AT"  # fault injection for tests: SIGKILL self on entering
+
+
+class Runner(Steps):
+    def __init__(self, node: Node, config: Config, *, once: bool = False) -> None:
+        self.node, self.config, self.once = node, config, once
+        self.log = get_logger("lifecycle")
+        self.pid = os.getpid()
+        p = node.paths
+        self.marker_path = p.resolve(config.driver_ready_path)
+        self.blacklist_path = p.resolve(config.blacklist_file)
+        self.lock = InstanceLock(p.resolve(config.lock_file_path))
+        self.journal = Journal(p.resolve(config.drivers_mount) / JOURNAL_DIR)
+        self.stop = threading.Event()
+        self.transitions = Transitions(self.log)
+        self.facts: dict[str, Any] = {}
+        self.loaded: dict[str, str | None] = {}
+        self.installed: dict[str, str | None] = {}
+        self.decision: Decision | None = None
+        self.preflight: Preflight | None = None
+        self.crash_at = os.environ.get(CRASH_AT_ENV, "")
+
+    # ---- waiting --------------------------------------------------------------------------------
+    def sleep(self, seconds: float) -> None:
+        """A wait that a stop request cuts short (tenacity's backoff uses it too)."""
+        self.stop.wait(seconds)
+
+    def request_stop(self, signum: int, _frame: object = None) -> None:
+        self.log.info("signal.received", signal=signal.Signals(signum).name, state=self.state_name,
+                      next="finishing the driver swap first" if self.in_critical() else "stopping")
+        self.stop.set()
+
+    @property
+    def state_name(self) -> str | None:
+        return str(self.journal.state) if self.journal.state else None
+
+    def in_critical(self) -> bool:
+        from .machine import CRITICAL
+
+        return self.journal.state in CRITICAL
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.lock.acquire()
+        except LockHeld as e:
+            self.log.error("lock.held", path=str(self.lock.path), holder_pid=e.pid, error=str(e))
+            return EXIT_FAILED
+        try:
+            return self._run_locked()
+        finally:
+            self.lock.release()
+
+    def _startup_cleanup(self) -> None:
+        prev = self.journal.previous_state()
+        self.journal.start_run(previous_state=str(prev) if prev else None)
+        if prev is not None:
+            self.log.info("journal.resumed", previous_state=str(prev),
+                          died_mid_swap=self.journal.previous_died_mid_swap(),
+                          reloaded_by_us=bool(self.journal.facts.get("reloaded_by_us")))
+        self.clear_marker("starting")
+        if remove_file(self.blacklist_path):
+            self.log.warning("blacklist.stale_removed", path=str(self.blacklist_path),
+                             why="a previous run died holding it")
+        self.journal.set(blacklist_written=False, last_error=None)
+
+    def _run_locked(self) -> int:
+        state = State.LOCK
+        self.enter(state, pid=self.pid, path=str(self.lock.path))
+        self._startup_cleanup()
+        outcome = Outcome.OK
+        while True:
+            state = next_state(state, outcome, stop_requested=self.stop.is_set())
+            if state is State.STOPPED:
+                self.enter(state)
+                failed = outcome is Outcome.FAILED and not self.stop.is_set()
+                return EXIT_FAILED if failed else EXIT_OK
+            self.enter(state)
+            outcome = self.perform(state)
+            if outcome is None:  # --once and the node is ready (or failed for good)
+                return self.exit_code
+
+    def enter(self, state: State, **detail: Any) -> None:
+        self.journal.enter(state, **detail)
+        self.transitions.enter(str(state), **detail)
+        if self.crash_at == str(state):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    exit_code = EXIT_OK
+
+    def perform(self, state: State) -> Outcome | None:
+        if state is State.SERVE:
+            return self.serve()
+        if state in (State.REFUSED, State.FAILED):
+            return self.wait_to_retry(state)
+        if state is State.STOPPING:
+            self.clear_marker("stopping")
+            self.restore_inbox_driver()
+            return Outcome.OK
+        step = getattr(self, "step_" + str(state).replace("-", "_"))
+        try:
+            return step()
+        except (StepFailed, ModuleCommandError, CommandTimeout, OSError) as e:
+            self.journal.set(last_error=f"{state}: {e}")
+            retry = ("--once: exiting 1" if self.once else
+                     f"retrying from inspect in {self.config.recheck_interval_s:g}s")
+            self.log.error("step.failed", state=str(state), error=str(e),
+                           next=f"the node was left consistent (no blacklist); {retry}; fix the "
+                                "cause named in `error` (see the command output logged above)")
+            return Outcome.FAILED
+
+    def serve(self) -> Outcome | None:
+        if self.once:
+            self.exit_code = EXIT_OK
+            return None
+        self.log.info("serving", marker=str(self.marker_path), next="waiting for SIGTERM")
+        self.stop.wait()
+        return Outcome.STOP
+
+    def wait_to_retry(self, state: State) -> Outcome | None:
+        if self.once:
+            self.exit_code = EXIT_FAILED
+            if self.config.entrypoint_debug:
+                self.log.info("debug.sleep_before_exit", seconds=self.config.debug_sleep_on_exit_s)
+                self.sleep(self.config.debug_sleep_on_exit_s)
+            return None
+        self.log.info("recheck.scheduled", state=str(state), in_s=self.config.recheck_interval_s)
+        if self.stop.wait(self.config.recheck_interval_s):
+            return Outcome.STOP
+        return Outcome.RETRY
+
+
+def install_signal_handlers(runner: Runner) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, runner.request_stop)
+
+
+def run_lifecycle(node: Node, config: Config, *, once: bool) -> int:
+    runner = Runner(node, config, once=once)
+    install_signal_handlers(runner)
+    started = time.monotonic()
+    code = runner.run()
+    runner.log.info("exit", code=code, elapsed_s=round(time.monotonic() - started, 3))
+    return code
+
+
+def journal_dir(node_root: Path, config: Config) -> Path:
+    from ..host.paths import NodePaths
+
+    return NodePaths.at(node_root).resolve(config.drivers_mount) / JOURNAL_DIR

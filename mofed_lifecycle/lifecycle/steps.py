@@ -1,0 +1,204 @@
+"""What each state does on the node: thin, each returning an Outcome for `machine.next_state`.
+
+The decisions are made by pure functions (`decide`, `preflight.plan`); these steps only read the
+node, write the files the daemon owns and run the node's tools (argument lists, timeouts, output
+logged) through `host/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+
+from ..host.commands import CommandTimeout, run_command
+from ..host.files import atomic_write_text, remove_file
+from ..host.modules import (
+    ModuleCommandError,
+    installed_srcversions,
+    loaded_srcversions,
+    modprobe,
+    modprobe_remove,
+    read_module_facts,
+)
+from .decide import compared_modules, decide
+from .machine import Outcome
+from .preflight import plan
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+TOOL_TIMEOUT_S = 60.0
+
+
+class StepFailed(RuntimeError):
+    """A step that could not do its job; the message says what happened and what to do next."""
+
+
+class OpenibdFailed(RuntimeError):
+    pass
+
+
+def blacklist_text(modules: tuple[str, ...]) -> str:
+    head = ("# Written by mofed-lifecycle for the duration of a NIC driver reload, removed after\n"
+            "# it. If you find it with no reload running, the reload was interrupted: delete this\n"
+            "# file, or mlx5_core will not load at the next boot.\n")
+    return head + "".join(f"blacklist {m}\n" for m in modules)
+
+
+class Steps:
+    """State steps of the Runner (see runner.py for the loop, the journal and signals)."""
+
+    def step_inspect(self: Runner) -> Outcome:
+        modules = compared_modules(self.config)
+        self.facts = read_module_facts(self.node.paths)
+        self.loaded = loaded_srcversions(self.node.paths, modules)
+        self.installed = installed_srcversions(modules, self.node.env, TOOL_TIMEOUT_S)
+        if not any(self.installed.values()):
+            raise StepFailed("modinfo finds none of the installed driver's modules "
+                             f"({', '.join(modules)}): is the driver installed in this container "
+                             "and /lib/modules mounted?")
+        return Outcome.OK
+
+    def step_decide(self: Runner) -> Outcome:
+        self.decision = decide(self.loaded, self.installed, compared_modules(self.config))
+        self.log.info("decision", reload=self.decision.reload, why=self.decision.explain())
+        self.journal.set(decision=self.decision.to_json(), decision_text=self.decision.explain())
+        return Outcome.RELOAD if self.decision.reload else Outcome.NO_RELOAD
+
+    def step_snapshot(self: Runner) -> Outcome:
+        self.log.info("snapshot.skipped", why="SR-IOV snapshot and restore land with their own "
+                      "issue; VFs are not saved yet")
+        return Outcome.OK
+
+    def step_preflight(self: Runner) -> Outcome:
+        self.preflight = plan(self.facts, self.config)
+        self.journal.set(preflight=self.preflight.to_json())
+        if self.preflight.refused:
+            self.journal.set(reason=self.preflight.refused)
+            self.log.error("reload.refused", reason=self.preflight.refused,
+                           recheck_in_s=self.config.recheck_interval_s,
+                           next="the node is untouched; fix the reason and the daemon proceeds at "
+                                "its next re-check")
+            return Outcome.REFUSED
+        self.journal.set(reason=None)
+        self.log.info("preflight.ok", unload=list(self.preflight.unload),
+                      reload_after=list(self.preflight.reload_after))
+        return Outcome.OK
+
+    def step_blacklist(self: Runner) -> Outcome:
+        self.journal.set(blacklist_written=True)
+        atomic_write_text(self.blacklist_path, blacklist_text(self.config.blacklist_modules))
+        self.log.info("blacklist.written", path=str(self.blacklist_path),
+                      modules=list(self.config.blacklist_modules))
+        return Outcome.OK
+
+    def step_unload_aux(self: Runner) -> Outcome:
+        if self.preflight.unload:
+            modprobe_remove(self.preflight.unload, self.node.env, TOOL_TIMEOUT_S)
+        return Outcome.OK
+
+    def step_reload(self: Runner) -> Outcome:
+        self.journal.set(reloaded_by_us=True)
+        openibd = str(self.node.paths.resolve("/etc/init.d/openibd"))
+        attempts = self.config.openibd_attempts
+        try:
+            for attempt in Retrying(stop=stop_after_attempt(attempts), wait=wait_fixed(1),
+                                    retry=retry_if_exception_type((OpenibdFailed, CommandTimeout)),
+                                    sleep=self.sleep):
+                with attempt:
+                    n = attempt.retry_state.attempt_number
+                    self.log.info("openibd.restart", attempt=n, of=attempts,
+                                  timeout_s=self.config.openibd_timeout_s)
+                    r = run_command([openibd, "restart"], timeout_s=self.config.openibd_timeout_s,
+                                    env=self.node.env, what="reload the NIC driver")
+                    if not r.ok:
+                        raise OpenibdFailed(f"openibd restart exited {r.returncode}: "
+                                            f"{(r.stderr or r.stdout).strip()[-300:]}")
+        except RetryError as e:
+            cause = e.last_attempt.exception()
+            raise StepFailed(f"the driver reload failed {attempts} times ({cause}); check what "
+                             "holds the modules (lsmod) and the openibd output above") from None
+        return Outcome.OK
+
+    def step_reload_aux(self: Runner) -> Outcome:
+        names = list(self.preflight.reload_after) if self.preflight else []
+        if self.config.enable_nfsrdma:
+            names.append("rpcrdma")
+        for name in names:
+            try:
+                modprobe([name], self.node.env, TOOL_TIMEOUT_S)
+            except ModuleCommandError as e:  # the NIC driver is fine; say what is missing
+                self.log.warning("module.reload_failed", module=name, error=str(e),
+                                 next=f"load it by hand: modprobe {name}")
+        return Outcome.OK
+
+    def step_unblacklist(self: Runner) -> Outcome:
+        if remove_file(self.blacklist_path):
+            self.log.info("blacklist.removed", path=str(self.blacklist_path))
+        self.journal.set(blacklist_written=False)
+        return Outcome.OK
+
+    def step_restore(self: Runner) -> Outcome:
+        return Outcome.OK  # SR-IOV restore lands with its own issue
+
+    def step_mount_headers(self: Runner) -> Outcome:
+        target = self.node.paths.resolve(self.config.shared_kernel_headers_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        if self.node.simulated:
+            self.log.info("headers.mount_skipped", why="simulated node", target=str(target))
+            return Outcome.OK
+        if target.is_mount():
+            return Outcome.OK
+        r = run_command(["mount", "--rbind", "/usr/src", str(target)], timeout_s=TOOL_TIMEOUT_S,
+                        what="share the kernel headers with the GPU side")
+        if not r.ok:  # the NIC driver is ready regardless; the GPU side needs them to build peermem
+            self.log.error("headers.mount_failed", target=str(target), stderr=r.stderr.strip(),
+                           next="nvidia-peermem cannot be built on this node until /usr/src is "
+                                f"shared at {target}")
+        return Outcome.OK
+
+    def step_ready(self: Runner) -> Outcome:
+        modules = compared_modules(self.config)
+        now = loaded_srcversions(self.node.paths, modules)
+        wrong = [m for m in modules if now.get(m) != self.installed.get(m)]
+        if wrong:
+            raise StepFailed("after the reload the loaded driver is still not the installed one: "
+                             + ", ".join(f"{m} {now.get(m) or 'not loaded'} ≠ "
+                                         f"{self.installed.get(m)}" for m in wrong))
+        marker: dict[str, Any] = {
+            "driver_version": self.config.driver_version,
+            "srcversions": {m: now[m] for m in modules},
+            "reloaded": bool(self.journal.facts.get("reloaded_by_us")),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "pid": self.pid,
+        }
+        atomic_write_text(self.marker_path, json.dumps(marker) + "\n")
+        self.log.info("marker.set", path=str(self.marker_path), **marker)
+        return Outcome.OK
+
+    def clear_marker(self: Runner, why: str) -> None:
+        if remove_file(self.marker_path):
+            self.log.info("marker.cleared", path=str(self.marker_path), why=why)
+
+    def restore_inbox_driver(self: Runner) -> None:
+        """RESTORE_DRIVER_ON_POD_TERMINATION: put the host's driver back, if we swapped it."""
+        if not self.config.restore_driver_on_termination:
+            return
+        if not self.journal.facts.get("reloaded_by_us"):
+            self.log.info("inbox_restore.skipped", why="this node's driver was not reloaded by us")
+            return
+        try:
+            r = run_command(["mlnxofedctl", "--alt-mods", "force-restart"],
+                            timeout_s=self.config.openibd_timeout_s, env=self.node.env,
+                            what="restore the inbox driver")
+        except (OSError, CommandTimeout) as e:
+            self.log.error("inbox_restore.failed", error=str(e))
+            return
+        if r.ok:
+            self.journal.set(reloaded_by_us=False)
+        else:
+            self.log.error("inbox_restore.failed", rc=r.returncode, stderr=r.stderr.strip(),
+                           next="run `mlnxofedctl --alt-mods force-restart` on the node")

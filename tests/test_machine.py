@@ -1,0 +1,107 @@
+"""The state machine's table, checked exhaustively and by random walks (no node needed)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mofed_lifecycle.lifecycle.machine import (
+    CRITICAL,
+    TRANSITIONS,
+    Outcome,
+    State,
+    TransitionError,
+    is_terminal,
+    next_state,
+)
+
+HAPPY_RELOAD = [State.LOCK, State.INSPECT, State.DECIDE, State.SNAPSHOT, State.PREFLIGHT,
+                State.BLACKLIST, State.UNLOAD_AUX, State.RELOAD, State.RELOAD_AUX,
+                State.UNBLACKLIST, State.RESTORE, State.MOUNT_HEADERS, State.READY, State.SERVE]
+
+
+def walk(outcomes: list[Outcome], stop_at: int | None = None) -> list[State]:
+    state, path = State.LOCK, [State.LOCK]
+    for i, outcome in enumerate(outcomes):
+        allowed = TRANSITIONS[state]
+        if outcome not in allowed and not (outcome is Outcome.STOP and state not in CRITICAL):
+            outcome = next(iter(allowed), Outcome.OK)
+        state = next_state(state, outcome, stop_requested=stop_at is not None and i >= stop_at)
+        path.append(state)
+        if is_terminal(state):
+            break
+    return path
+
+
+def test_the_reload_path_visits_every_step_in_order():
+    outcomes = [Outcome.OK, Outcome.OK, Outcome.RELOAD] + [Outcome.OK] * 10
+    assert walk(outcomes)[:len(HAPPY_RELOAD)] == HAPPY_RELOAD
+
+
+def test_no_reload_goes_from_decide_straight_to_restore_and_ready():
+    path = walk([Outcome.OK, Outcome.OK, Outcome.NO_RELOAD, Outcome.OK, Outcome.OK, Outcome.OK])
+    assert path == [State.LOCK, State.INSPECT, State.DECIDE, State.RESTORE, State.MOUNT_HEADERS,
+                    State.READY, State.SERVE]
+    assert not set(path) & CRITICAL
+
+
+def test_a_refusal_touches_nothing_and_rechecks():
+    path = walk([Outcome.OK, Outcome.OK, Outcome.RELOAD, Outcome.OK, Outcome.REFUSED,
+                 Outcome.RETRY])
+    assert path[-2:] == [State.REFUSED, State.INSPECT]
+    assert not set(path) & CRITICAL
+
+
+@pytest.mark.parametrize("failing", sorted(CRITICAL))
+def test_a_failure_inside_the_critical_section_still_removes_the_blacklist(failing):
+    state = failing
+    assert next_state(state, Outcome.FAILED) is State.UNBLACKLIST
+    assert next_state(state, Outcome.FAILED, stop_requested=True) is State.UNBLACKLIST
+
+
+def test_a_stop_during_the_swap_waits_for_the_blacklist_to_go():
+    state = State.BLACKLIST
+    seen = []
+    while state not in (State.STOPPING, State.STOPPED):
+        state = next_state(state, Outcome.OK, stop_requested=True)
+        seen.append(state)
+    assert seen == [State.UNLOAD_AUX, State.RELOAD, State.RELOAD_AUX, State.UNBLACKLIST,
+                    State.STOPPING]
+
+
+def test_outside_the_swap_a_stop_is_honoured_at_the_next_boundary():
+    for state in (State.INSPECT, State.DECIDE, State.PREFLIGHT, State.RESTORE, State.READY):
+        assert next_state(state, Outcome.OK, stop_requested=True) is State.STOPPING
+    assert next_state(State.SERVE, Outcome.STOP) is State.STOPPING
+    assert next_state(State.STOPPING, Outcome.OK) is State.STOPPED
+
+
+def test_an_outcome_the_table_does_not_allow_is_a_bug_not_a_guess():
+    with pytest.raises(TransitionError):
+        next_state(State.SERVE, Outcome.RELOAD)
+
+
+def test_every_state_is_reachable_from_lock_and_every_non_terminal_state_can_end():
+    reachable, frontier = {State.LOCK}, [State.LOCK]
+    while frontier:
+        for nxt in TRANSITIONS[frontier.pop()].values():
+            if nxt not in reachable:
+                reachable.add(nxt)
+                frontier.append(nxt)
+    assert reachable | {State.STOPPING} == set(State)
+    assert [s for s in State if is_terminal(s)] == [State.STOPPED]
+
+
+@settings(max_examples=300, deadline=None)
+@given(outcomes=st.lists(st.sampled_from(list(Outcome)), min_size=1, max_size=60),
+       stop_at=st.one_of(st.none(), st.integers(0, 60)))
+def test_random_walks_never_leave_the_blacklist_behind(outcomes, stop_at):
+    path = walk(outcomes, stop_at)
+    for i, state in enumerate(path):
+        if state is State.BLACKLIST:
+            rest = path[i + 1:]
+            # the blacklist is removed before anything but the swap itself happens
+            if rest:
+                end = next((j for j, s in enumerate(rest) if s not in CRITICAL), None)
+                assert end is None or rest[end] is State.UNBLACKLIST, path
