@@ -19,6 +19,7 @@ import errno
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -186,12 +187,30 @@ def _translated(what: str) -> Iterator[None]:
         raise NetlinkError(errno.EINVAL, f"{what}: {e}") from e
 
 
+class _Serialized:
+    """Calls to the wrapped IPRoute one at a time (its sync API is not documented thread-safe)."""
+
+    def __init__(self, ipr: Any) -> None:
+        self._ipr, self._lock = ipr, threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._ipr, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
+
+        return call
+
+
 class PyrouteNetlink:
     """`Netlink` on this node's kernel (or inside network namespace `netns`, which must exist)."""
 
     def __init__(self, netns: str | None = None) -> None:
         with _translated(f"open rtnetlink in network namespace {netns or '(current)'}"):
-            self._ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+            ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+        # One request at a time on the socket: the restore calls in from several threads.
+        self._ipr = _Serialized(ipr)
 
     def _get(self, name: str) -> Any | None:
         if not 0 < len(name.encode()) < IFNAMSIZ or "/" in name:

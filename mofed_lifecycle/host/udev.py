@@ -8,8 +8,11 @@ simulator's events when the process runs under umockdev (`LD_PRELOAD=libumockdev
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,26 +53,49 @@ class NetdevEvents(Protocol):
 
 
 class PyudevNetdevEvents:
-    """udev's netdev events through pyudev's monitor (started at construction: no event lost)."""
+    """udev's netdev events through pyudev's monitor (started at construction: no event lost).
+
+    A reader thread drains the monitor socket into a queue at once, so that a burst (a thousand VFs
+    created and renamed while the restore is busy binding) never fills the socket buffer: a full
+    buffer makes the kernel drop events (ENOBUFS), and a dropped `add` is a VF waited for in vain.
+    """
+
+    RECEIVE_BUFFER = 16 * 1024 * 1024
 
     def __init__(self) -> None:
         import pyudev
 
         self.monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
         self.monitor.filter_by("net")
+        with contextlib.suppress(Exception):  # needs CAP_NET_ADMIN beyond rmem_max; best effort
+            self.monitor.set_receive_buffer_size(self.RECEIVE_BUFFER)
         self.monitor.start()
+        self.queue: queue.Queue[NetdevEvent | None] = queue.Queue()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._pump, daemon=True, name="udev-netdev-events")
+        self.thread.start()
+
+    def _pump(self) -> None:
+        while not self.closed.is_set():
+            try:
+                device = self.monitor.poll(timeout=0.2)
+            except (OSError, ValueError):
+                break
+            if device is not None:
+                ev = event_from_properties(dict(device.properties))
+                if ev is not None:
+                    self.queue.put(ev)
+        self.queue.put(None)
 
     def poll(self, timeout: float | None) -> NetdevEvent | None:
-        while True:
-            device = self.monitor.poll(timeout=timeout)
-            if device is None:
-                return None
-            ev = event_from_properties(dict(device.properties))
-            if ev is not None:
-                return ev
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     def close(self) -> None:
-        self.monitor.stop() if hasattr(self.monitor, "stop") else None
+        self.closed.set()
+        self.thread.join(timeout=2)
 
 
 def umockdev_active_for(root: Path) -> bool:

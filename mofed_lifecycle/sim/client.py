@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-START_TIMEOUT_S = 15.0
+START_TIMEOUT_S = 60.0  # a node with a thousand VFs re-renders its tree at start
 PKG_PARENT = str(Path(__file__).resolve().parents[2])
 
 

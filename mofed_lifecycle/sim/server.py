@@ -25,7 +25,8 @@ from .model import load_state, save_state
 from .scenario import parse_scenario
 from .state import ground_truth
 
-PERSIST_DEBOUNCE_S = 0.05
+PERSIST_DEBOUNCE_S = 0.05  # at least; a big node saves less often (see persist)
+PERSIST_DUTY = 0.1  # at most this share of the kernel's time goes to saving its state
 
 
 class KernelServer:
@@ -42,6 +43,7 @@ class KernelServer:
         self.persist_handle: asyncio.TimerHandle | None = None
         self.settled_waiters: list[asyncio.Future[None]] = []
         self.stop = asyncio.Event()
+        self.persist_every_s = PERSIST_DEBOUNCE_S
 
     # ---- time and persistence ----------------------------------------------------------------
     def tick(self) -> None:
@@ -59,13 +61,16 @@ class KernelServer:
                     f.set_result(None)
             self.settled_waiters.clear()
         if self.k.dirty and self.persist_handle is None:
-            self.persist_handle = loop.call_later(PERSIST_DEBOUNCE_S, self.persist)
+            self.persist_handle = loop.call_later(self.persist_every_s, self.persist)
 
     def persist(self) -> None:
         self.persist_handle = None
         if self.k.dirty:
+            start = time.monotonic()
             save_state(self.k.st, self.simdir / "kernel.json")
             self.k.dirty = False
+            took = time.monotonic() - start
+            self.persist_every_s = max(PERSIST_DEBOUNCE_S, took / PERSIST_DUTY)
 
     # ---- requests ----------------------------------------------------------------------------
     def dispatch(self, op: str, args: dict[str, Any]) -> Any:
