@@ -63,9 +63,9 @@ def parse_positive_seconds(text: str) -> float:
     return value
 
 
-def parse_attempts(text: str) -> int:
+def parse_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 100:
-        raise ValueError("expected a whole number of attempts from 1 to 100")
+        raise ValueError("expected a whole number from 1 to 100")
     return int(text)
 
 
@@ -200,10 +200,18 @@ SPECS: tuple[Spec, ...] = (
     # mofed-lifecycle's own settings (not in today's container): bounds on waits and retries.
     Spec("OPENIBD_TIMEOUT_SEC", "openibd_timeout_s", parse_positive_seconds, "600",
          "one `openibd restart` may take this long before it is killed and retried"),
-    Spec("OPENIBD_ATTEMPTS", "openibd_attempts", parse_attempts, "3",
+    Spec("OPENIBD_ATTEMPTS", "openibd_attempts", parse_count, "3",
          "`openibd restart` attempts before the reload counts as failed"),
     Spec("RECHECK_INTERVAL_SEC", "recheck_interval_s", parse_positive_seconds, "60",
          "after a refused or failed reload: seconds between re-checks (the daemon stays up)"),
+    Spec("VF_RESTORE_TIMEOUT_SEC", "vf_restore_timeout_s", parse_positive_seconds, "300",
+         "one deadline for the whole VF restore (PF netdevs back, every VF netdev ready)"),
+    Spec("VF_RESTORE_WORKERS", "vf_restore_workers", parse_count, "8",
+         "VFs whose netdev is finished (MTU, up/down) concurrently"),
+    Spec("READY_ON_PARTIAL_RESTORE", "ready_on_partial_restore", parse_bool, "true",
+         "set the readiness marker when some VFs could not be restored (they are reported by PCI "
+         "address in the log and status.json, and retried at the next start); false: stay not "
+         "ready and retry every RECHECK_INTERVAL_SEC"),
     Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",
          "Ubuntu Pro token (a secret: never logged)", empty_is_value=True, secret=True),
 )
@@ -243,6 +251,9 @@ class Config:
     openibd_timeout_s: float
     openibd_attempts: int
     recheck_interval_s: float
+    vf_restore_timeout_s: float
+    vf_restore_workers: int
+    ready_on_partial_restore: bool
     ubuntu_pro_token: str
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the secret

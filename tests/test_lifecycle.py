@@ -77,9 +77,16 @@ def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file another process is appending to."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines() if x]
+
+
 def kernel_events(root: Path) -> list[str]:
-    path = root / ".sim/timeline.jsonl"
-    return [json.loads(x)["event"] for x in path.read_text().splitlines()] if path.exists() else []
+    return [e["event"] for e in jsonl(root / ".sim/timeline.jsonl")]
 
 
 def assert_installed_driver_ready(root: Path, k: KernelClient, scenario: Path | str) -> None:
@@ -185,8 +192,8 @@ def test_openibd_hanging_past_its_timeout_fails_cleanly(make_node):
     assert failed["state"] == "reload" and "failed 2 times" in failed["error"]
     st = k.call("state")
     assert st["blacklist_files"] == [] and not st["markers"][MARKER]
-    assert journal_states(root)[-3:] == ["unblacklist", "failed", "stopped"] or \
-        "unblacklist" in journal_states(root)
+    # the blacklist goes, then the run fails: no restore, no marker on a node without its driver
+    assert journal_states(root)[-3:] == ["reload", "unblacklist", "failed"]
 
 
 # ---- one instance, signals ----------------------------------------------------------------------
@@ -221,8 +228,7 @@ def test_sigterm_during_the_reload_finishes_the_swap_then_stops(make_node):
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     states = journal_states(root)
-    assert states[-6:] == ["reload", "reload-aux", "unblacklist", "stopping", "stopped"][-6:] or \
-        states[-5:] == ["reload", "reload-aux", "unblacklist", "stopping", "stopped"]
+    assert states[-5:] == ["reload", "reload-aux", "unblacklist", "stopping", "stopped"]
     st = k.call("state")
     sc = parse_scenario(STORAGE)
     assert st["modules"]["mlx5_core"]["srcversion"] == sc.installed_srcversion("mlx5_core")

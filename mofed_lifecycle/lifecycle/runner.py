@@ -26,7 +26,7 @@ from ..host.node import Node
 from ..log import Transitions, get_logger
 from .decide import Decision
 from .journal import JOURNAL_DIR, Journal
-from .machine import Outcome, State, next_state
+from .machine import CRITICAL, Outcome, State, next_state
 from .preflight import Preflight
 from .steps import StepFailed, Steps
 
@@ -52,6 +52,7 @@ class Runner(Steps):
         self.decision: Decision | None = None
         self.preflight: Preflight | None = None
         self.crash_at = os.environ.get(CRASH_AT_ENV, "")
+        self.swap_failed = False  # a step of the swap failed: unblacklist, then fail
 
     # ---- waiting --------------------------------------------------------------------------------
     def sleep(self, seconds: float) -> None:
@@ -68,8 +69,6 @@ class Runner(Steps):
         return str(self.journal.state) if self.journal.state else None
 
     def in_critical(self) -> bool:
-        from .machine import CRITICAL
-
         return self.journal.state in CRITICAL
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -135,6 +134,7 @@ class Runner(Steps):
             return step()
         except (StepFailed, ModuleCommandError, CommandTimeout, OSError) as e:
             self.journal.set(last_error=f"{state}: {e}")
+            self.swap_failed = self.swap_failed or state in CRITICAL
             retry = ("--once: exiting 1" if self.once else
                      f"retrying from inspect in {self.config.recheck_interval_s:g}s")
             self.log.error("step.failed", state=str(state), error=str(e),

@@ -23,6 +23,8 @@ from ..host.modules import (
     modprobe_remove,
     read_module_facts,
 )
+from ..sriov.restore import restore
+from ..sriov.snapshot import load_snapshot, save_snapshot, take_snapshot
 from .decide import compared_modules, decide
 from .machine import Outcome
 from .preflight import plan
@@ -69,8 +71,18 @@ class Steps:
         return Outcome.RELOAD if self.decision.reload else Outcome.NO_RELOAD
 
     def step_snapshot(self: Runner) -> Outcome:
-        self.log.info("snapshot.skipped", why="SR-IOV snapshot and restore land with their own "
-                      "issue; VFs are not saved yet")
+        pending = self.journal.facts.get("restore_pending")
+        kept = load_snapshot(self.journal.dir) if pending else None
+        if kept is not None:  # never replace the original with a post-failure state
+            self.log.warning("snapshot.kept", vfs=kept.vf_count, taken_at=kept.taken_at,
+                             why="a restore from it has not completed yet")
+            return Outcome.OK
+        snap = take_snapshot(self.node.paths, self.node.netlink)
+        path = save_snapshot(self.journal.dir, snap)
+        self.journal.set(restore_pending=True, snapshot={"pfs": len(snap.pfs),
+                                                         "vfs": snap.vf_count})
+        self.log.info("snapshot.saved", path=str(path), pfs=len(snap.pfs), vfs=snap.vf_count,
+                      per_pf={p.pci: p.numvfs for p in snap.pfs})
         return Outcome.OK
 
     def step_preflight(self: Runner) -> Outcome:
@@ -139,10 +151,44 @@ class Steps:
         if remove_file(self.blacklist_path):
             self.log.info("blacklist.removed", path=str(self.blacklist_path))
         self.journal.set(blacklist_written=False)
+        if self.swap_failed:  # the blacklist is gone; the reload itself did not succeed
+            self.swap_failed = False
+            return Outcome.FAILED
         return Outcome.OK
 
     def step_restore(self: Runner) -> Outcome:
-        return Outcome.OK  # SR-IOV restore lands with its own issue
+        pending = self.journal.facts.get("restore_pending")
+        snap = load_snapshot(self.journal.dir) if pending else None
+        if snap is None:
+            self.log.info("restore.skipped", why="no restore pending: no VF is touched")
+            return Outcome.OK
+        self.log.info("restore.started", pfs=len(snap.pfs), vfs=snap.vf_count,
+                      deadline_s=self.config.vf_restore_timeout_s,
+                      workers=self.config.vf_restore_workers)
+        result = restore(self.node, snap, deadline_s=self.config.vf_restore_timeout_s,
+                         workers=self.config.vf_restore_workers, stop=self.stop, log=self.log)
+        summary = result.to_json()
+        self.journal.set(restore=summary, restore_pending=bool(result.failed) or self.stop.is_set())
+        if self.stop.is_set():
+            raise StepFailed("stopped during the VF restore; the next start resumes it from the "
+                             "saved snapshot")
+        if result.failed:
+            for pci, why in sorted(result.failed.items()):
+                self.log.error("restore.vf_not_restored", vf=pci, why=why)
+            msg = (f"{len(result.failed)} of {snap.vf_count} VFs not restored: "
+                   + ", ".join(sorted(result.failed)))
+            self.journal.set(last_error=msg)
+            if not self.config.ready_on_partial_restore:
+                raise StepFailed(msg + "; READY_ON_PARTIAL_RESTORE=false keeps the node not ready")
+            self.log.warning("restore.partial", restored=len(result.restored),
+                             failed=sorted(result.failed),
+                             next="the node is marked ready (READY_ON_PARTIAL_RESTORE=true); the "
+                                  "missing VFs are retried from the original snapshot at the next "
+                                  "start")
+        else:
+            self.log.info("restore.done", restored=len(result.restored),
+                          duration_s=round(result.duration_s, 4), strategy=result.strategy)
+        return Outcome.OK
 
     def step_mount_headers(self: Runner) -> Outcome:
         target = self.node.paths.resolve(self.config.shared_kernel_headers_dir)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..host.netlink_types import ZERO_GUID, ZERO_MAC
+from ..host.netlink_types import ZERO_MAC
 from .kernel_modules import KernelError, ModulesMixin
 from .kernel_netlink import NetlinkMixin
 from .model import ADMIN_DEFAULTS, KernelState, Netdev, Pf, Vf, ipoib_address
@@ -113,10 +113,8 @@ class SimKernel(ModulesMixin, NetlinkMixin):
             final, mtu, guids = pf.name, pf.default_mtu, (None, None)
         else:
             a = vf.admin
-            node = (a["node_guid"] if a["node_guid"] != ZERO_GUID
-                    else derived_guid(self.sc.seed, pci, n, "node"))
-            port = (a["port_guid"] if a["port_guid"] != ZERO_GUID
-                    else derived_guid(self.sc.seed, pci, n, "port"))
+            # An IB VF takes its admin GUIDs at probe; an unassigned (all-zero) one stays zero.
+            node, port = a["node_guid"], a["port_guid"]
             if pf.link == "ib":
                 address, guids = ipoib_address(port), (node, port)
             else:
@@ -168,6 +166,7 @@ class SimKernel(ModulesMixin, NetlinkMixin):
             vf.driver = driver
         owner.bind_seq += 1
         self.bus.emit("bind", f"/{PCI_PARENT}/{owner.pci}", "pci", DRIVER=driver)
+        self.note("pci.bound", pci=owner.pci, driver=driver)
         if driver == "mlx5_core":
             idx = vf.index if vf else None
             self.schedule(self.sc.netdev_delay_s(owner.pci, idx),
@@ -179,11 +178,13 @@ class SimKernel(ModulesMixin, NetlinkMixin):
         self._remove_netdev(owner.netdev)
         owner.netdev = None
         owner.bind_seq += 1
+        driver = "mlx5_core"
         if vf is not None:
             if vf.driver is None:
                 raise KernelError(errno.ENODEV, f"{vf.pci} is not bound to a driver")
-            vf.driver = None
+            driver, vf.driver = vf.driver, None
         self.bus.emit("unbind", f"/{PCI_PARENT}/{owner.pci}", "pci")
+        self.note("pci.unbound", pci=owner.pci, driver=driver)
         self.tree.binding(self.st, pf, vf)
 
     def set_numvfs(self, pf: Pf, n: int) -> None:

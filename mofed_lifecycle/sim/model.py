@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..host.netlink_types import ZERO_GUID, ZERO_MAC
-from .scenario import INBOX, PfSpec, Scenario, deps_for, stack_modules
+from .scenario import INBOX, PfSpec, Scenario, deps_for, derived_guid, stack_modules
 
 ADMIN_DEFAULTS: dict[str, Any] = {
     "mac": ZERO_MAC, "vlan": 0, "qos": 0, "trust": False, "spoofchk": True,
@@ -160,8 +160,10 @@ def initial_state(sc: Scenario) -> KernelState:
                 mac=spec.mac, totalvfs=spec.totalvfs, vf_name=spec.vf_name, eswitch=spec.eswitch,
                 default_mtu=2044 if spec.link == "ib" else 1500, vf_offset=spec.vf_offset)
         st.pfs[spec.pci] = pf
+        address = (spec.mac if spec.link == "eth"  # an IPoIB PF: 20-byte address, as on reload
+                   else ipoib_address(derived_guid(sc.seed, spec.pci, "pf", "port")))
         pf.netdev = _add_netdev(st, spec.name, spec.pci, spec.link_type, spec.mtu, spec.up,
-                                spec.mac)
+                                address)
         for v in spec.vfs:
             driver = None if v.driver == "none" else v.driver
             vf = Vf(index=v.index, pci=v.pci, driver=driver, admin=_vf_admin(spec, v))

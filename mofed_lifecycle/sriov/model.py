@@ -1,0 +1,84 @@
+"""What an SR-IOV snapshot holds: per PF and per VF, keyed by PCI address (names resolved at use).
+
+Plain frozen data with JSON round-trips; no I/O. The snapshot is taken just before a reload and
+persisted beside the journal (`sriov/snapshot.py`); the restore plan (`sriov/plan.py`) compares it
+with what the node has now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..host.netlink_types import ZERO_GUID, ZERO_MAC, VfSettings
+
+
+@dataclass(frozen=True)
+class VfSnapshot:
+    index: int
+    pci: str
+    settings: VfSettings  # admin settings held by the PF (IFLA_VF_*)
+    driver: str | None  # "mlx5_core", "vfio-pci", ... or None (unbound)
+    netdev: str | None = None  # its name when visible in the host namespace
+    mtu: int | None = None
+    up: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VfSnapshot:
+        return cls(**{**d, "settings": VfSettings(**d["settings"])})
+
+
+@dataclass(frozen=True)
+class PfSnapshot:
+    pci: str
+    netdev: str | None
+    link_type: int  # /sys/class/net/X/type: 1 Ethernet, 32 InfiniBand
+    mtu: int | None
+    up: bool | None
+    mac: str | None
+    eswitch: str | None  # "legacy" | "switchdev" | None (not reported)
+    numvfs: int
+    autoprobe: bool
+    vfs: tuple[VfSnapshot, ...] = field(default_factory=tuple)
+
+    @property
+    def ib(self) -> bool:
+        return self.link_type == 32
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "vfs"},
+                "vfs": [v.to_json() for v in self.vfs]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PfSnapshot:
+        return cls(**{**d, "vfs": tuple(VfSnapshot.from_json(v) for v in d["vfs"])})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float
+    pfs: tuple[PfSnapshot, ...]
+
+    @property
+    def vf_count(self) -> int:
+        return sum(len(p.vfs) for p in self.pfs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, "taken_at": self.taken_at, "pfs": [p.to_json() for p in self.pfs]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Snapshot:
+        return cls(taken_at=d["taken_at"], pfs=tuple(PfSnapshot.from_json(p) for p in d["pfs"]))
+
+
+def assigned_mac(mac: str | None) -> str | None:
+    """A MAC worth restoring: None for unset/all-zero (the kernel then picks its own)."""
+    return None if not mac or mac == ZERO_MAC else mac.lower()
+
+
+def assigned_guid(guid: str | None) -> str | None:
+    """A GUID worth restoring: None for an all-zero one ("never assigned": leave it alone)."""
+    return None if not guid or guid == ZERO_GUID else guid.lower()

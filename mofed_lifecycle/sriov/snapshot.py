@@ -1,0 +1,123 @@
+"""Take the SR-IOV snapshot from the node, and keep it durably beside the journal.
+
+PFs are found by PCI (vendor 0x15b3 with `sriov_totalvfs`), their link type read from
+`/sys/class/net/X/type` (not guessed from a name prefix). VFs come from the PF's VF info list over
+netlink, so a VF bound to vfio-pci or moved into a pod's namespace is kept; its PCI address, driver
+and netdev come from the PF's `virtfnN` link.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ..host.files import atomic_write_json, read_json
+from ..host.netlink_types import Netlink, NetlinkError, VfSettings
+from ..host.paths import NodePaths
+from .model import PfSnapshot, Snapshot, VfSnapshot
+
+MELLANOX = "0x15b3"
+SNAPSHOT_FILE = "sriov-snapshot.json"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _int(path: Path, default: int = 0) -> int:
+    text = _read(path)
+    return int(text) if text and text.lstrip("-").isdigit() else default
+
+
+def mellanox_pfs(paths: NodePaths) -> list[str]:
+    """PCI addresses of the node's Mellanox/NVIDIA functions that can have VFs, sorted."""
+    base = paths.sys / "bus" / "pci" / "devices"
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    return [n for n in names if _read(base / n / "vendor") == MELLANOX
+            and (base / n / "sriov_totalvfs").exists() and not (base / n / "physfn").exists()]
+
+
+def netdev_of(paths: NodePaths, pci: str) -> str | None:
+    """The netdev of PCI function `pci` right now (None if it has none in this namespace)."""
+    try:
+        names = sorted(os.listdir(paths.pci_device(pci) / "net"))
+    except OSError:
+        return None
+    return names[0] if names else None
+
+
+def driver_of(paths: NodePaths, pci: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(paths.pci_device(pci) / "driver"))
+    except OSError:
+        return None
+
+
+def vf_pci(paths: NodePaths, pf: str, index: int) -> str | None:
+    try:
+        return os.path.basename(os.readlink(paths.pci_device(pf) / f"virtfn{index}"))
+    except OSError:
+        return None
+
+
+def eswitch_mode(paths: NodePaths, netdev: str | None) -> str | None:
+    """MOFED's compat sysfs view of the devlink eswitch mode, when present."""
+    return _read(paths.net(netdev) / "compat" / "devlink" / "mode") if netdev else None
+
+
+def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
+    pfs = []
+    for pci in mellanox_pfs(paths):
+        dev = paths.pci_device(pci)
+        netdev = netdev_of(paths, pci)
+        link = netlink.link(netdev) if netdev else None
+        numvfs = _int(dev / "sriov_numvfs")
+        settings: list[VfSettings] = []
+        if netdev and numvfs:
+            try:
+                settings = netlink.vfs(netdev)
+            except NetlinkError:
+                settings = []
+        by_index = {s.index: s for s in settings}
+        vfs = []
+        for i in range(numvfs):
+            vpci = vf_pci(paths, pci, i)
+            if vpci is None:
+                continue
+            vnet = netdev_of(paths, vpci)
+            vlink = netlink.link(vnet) if vnet else None
+            vfs.append(VfSnapshot(index=i, pci=vpci, settings=by_index.get(i, VfSettings(index=i)),
+                                  driver=driver_of(paths, vpci), netdev=vnet,
+                                  mtu=vlink.mtu if vlink else None,
+                                  up=vlink.up if vlink else None))
+        pfs.append(PfSnapshot(
+            pci=pci, netdev=netdev,
+            link_type=_int(paths.net(netdev) / "type", 1) if netdev else 1,
+            mtu=link.mtu if link else None, up=link.up if link else None,
+            mac=link.address if link else None, eswitch=eswitch_mode(paths, netdev),
+            numvfs=numvfs, autoprobe=_int(dev / "sriov_drivers_autoprobe", 1) != 0,
+            vfs=tuple(vfs)))
+    return Snapshot(taken_at=time.time(), pfs=tuple(pfs))
+
+
+def save_snapshot(directory: Path, snapshot: Snapshot) -> Path:
+    path = directory / SNAPSHOT_FILE
+    atomic_write_json(path, snapshot.to_json())
+    return path
+
+
+def load_snapshot(directory: Path) -> Snapshot | None:
+    doc = read_json(directory / SNAPSHOT_FILE)
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return Snapshot.from_json(doc)
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -1,0 +1,200 @@
+"""VF restore on simulated nodes, through the real `run`: every VF back as it was, bound once.
+
+The comparison is the node's ground truth before the reload and after the run: admin settings on
+the PF and what each VF's own netdev really has (netdev_mac, GUIDs, MTU, up, driver).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from .test_lifecycle import journal_states, jsonl, lifecycle, wait_for
+
+IB = """
+[node]
+name = "ib-guids"
+time_scale = 0.01
+seed = 12
+[driver]
+loaded_version = "24.07-0.6.1"
+installed_version = "25.07-0.9.7"
+openibd_restart_s = 20
+[udev]
+netdev_delay_s = [0.3, 2.0]
+rename_delay_s = [0.05, 0.3]
+[[pf]]
+pci = "0000:18:00.0"
+name = "ibp24s0"
+link = "ib"
+mtu = 4092
+numvfs = 3
+vf_name = "ibp24s0v{vf}"
+vf.all = { mtu = 4000 }
+vf.0 = { node_guid = "00:11:22:33:44:55:18:00", port_guid = "00:11:22:33:44:55:18:01" }
+vf.1 = { node_guid = "00:00:00:00:00:00:00:00", port_guid = "00:00:00:00:00:00:00:00" }
+[[pf]]
+pci = "0000:40:00.0"
+name = "ibp64s0"
+link = "ib"
+numvfs = 2
+vf_name = "ibp64s0v{vf}"
+"""
+
+SLOW = """
+[node]
+name = "slow-vf"
+time_scale = 0.01
+seed = 13
+[driver]
+loaded_version = "24.10-1.1.4"
+installed_version = "25.07-0.9.7"
+openibd_restart_s = 20
+[udev]
+netdev_delay_s = [5.0, 30.0]
+rename_delay_s = [0.5, 5.0]
+late_vfs = { 1 = 250.0 }
+[[pf]]
+pci = "0000:3b:00.0"
+name = "enp59s0f0np0"
+mtu = 9000
+numvfs = 8
+vf_name = "enp59s0f0v{vf}"
+vf.all = { trust = true, spoofchk = false, mtu = 9000 }
+vf.1 = { mac = "02:00:00:00:3b:01", vlan = 7, qos = 2, link_state = "disable", max_tx_rate = 500 }
+vf.5 = { driver = "vfio-pci" }
+vf.6 = { up = false, mtu = 1500 }
+"""
+
+
+def vf_view(state: dict) -> dict:
+    """PFs and VFs of a ground truth, as they must be after a restore (markers aside)."""
+    return {pci: pf for pci, pf in state["pfs"].items()}
+
+
+def assert_restored(before: dict, after: dict) -> None:
+    for pci, pf in vf_view(before).items():
+        now = after["pfs"][pci]
+        assert {k: v for k, v in now.items() if k != "vfs"} == {
+            k: v for k, v in pf.items() if k != "vfs"}, pci
+        for index, vf in pf["vfs"].items():
+            assert now["vfs"].get(index) == vf, f"VF {index} of {pci}"
+
+
+def binds_since_reload(root: Path) -> dict[str, int]:
+    """PCI -> how many times the kernel bound it after the last reload (its uevents)."""
+    rows = [json.loads(x) for x in (root / ".sim/uevents.jsonl").read_text().splitlines()]
+    last_unload = max(i for i, r in enumerate(rows)
+                      if r["ACTION"] == "remove" and r["SUBSYSTEM"] == "pci")
+    out: dict[str, int] = {}
+    for r in rows[last_unload:]:
+        if r["ACTION"] == "bind":
+            pci = r["DEVPATH"].rsplit("/", 1)[-1]
+            out[pci] = out.get(pci, 0) + 1
+    return out
+
+
+def test_every_vf_is_restored_and_bound_exactly_once(tiny):
+    root, k = tiny
+    before = k.call("state")
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = k.call("state")
+    assert_restored(before, after)
+    assert after["pfs"]["0000:08:00.0"]["vfs"]["2"]["driver"] == "vfio-pci"
+    assert after["pfs"]["0000:08:00.0"]["autoprobe"] is True  # put back after the restore
+    binds = binds_since_reload(root)
+    assert {pci: n for pci, n in binds.items() if pci != "0000:08:00.0"} == {
+        f"0000:08:00.{2 + i}": 1 for i in range(4)}
+
+
+def test_ib_guids_come_back_and_all_zero_guids_are_left_alone(make_node):
+    root, k = make_node(IB, "ib")
+    before = k.call("state")
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = k.call("state")
+    assert_restored(before, after)
+    vf0 = after["pfs"]["0000:18:00.0"]["vfs"]["0"]
+    assert vf0["node_guid"] == vf0["netdev_node_guid"] == "00:11:22:33:44:55:18:00"
+    assert after["pfs"]["0000:18:00.0"]["vfs"]["1"]["port_guid"] == "00:00:00:00:00:00:00:00"
+
+
+def test_a_restart_without_reload_touches_no_vf(tiny):
+    root, k = tiny
+    assert lifecycle(root, "--once").returncode == 0
+    k.call("wait_settled", timeout=30)
+    settled = k.call("state")
+    binds = binds_since_reload(root)
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0
+    assert k.call("state")["pfs"] == settled["pfs"] and binds_since_reload(root) == binds
+    assert '"restore.skipped"' in r.stderr
+
+
+def test_a_vf_that_never_appears_is_reported_and_a_later_start_restores_it(make_node):
+    root, k = make_node(SLOW, "slow")
+    before = k.call("state")
+    proc = lifecycle(root, env={"VF_RESTORE_TIMEOUT_SEC": "1"}, wait=False)
+    try:
+        wait_for(lambda: (root / "run/mellanox/drivers/.driver-ready").exists(), "ready", 60)
+        assert proc.poll() is None  # alive
+        status = json.loads((root / "run/mellanox/drivers/mofed-lifecycle/status.json").read_text())
+        assert "0000:3b:00.3" in status["last_error"]  # VF 1, by PCI address
+        after = k.call("state")
+        for index, vf in before["pfs"]["0000:3b:00.0"]["vfs"].items():
+            if index != "1":
+                assert after["pfs"]["0000:3b:00.0"]["vfs"][index] == vf, index
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert any('"restore.vf_not_restored"' in line and "0000:3b:00.3" in line
+               for line in err.splitlines())
+    k.call("wait_settled", timeout=30)  # VF 1's netdev shows up, late, with default settings
+    r = lifecycle(root, "--once")  # no reload needed: the pending restore resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reload" not in journal_states(root)[-8:]
+    assert_restored(before, k.call("state"))
+
+
+KILL_POINTS = {
+    "numvfs-written": lambda ev, ue: any(e.get("event") == "sriov.numvfs" and e.get("numvfs")
+                                         for e in ev),
+    "some-bound": lambda ev, ue: sum(u["ACTION"] == "bind" for u in ue) >= 3,
+    "first-netdev-named": lambda ev, ue: any(e.get("event") == "netdev.named"
+                                             and e.get("pci") != "0000:3b:00.0" for e in ev),
+    "half-named": lambda ev, ue: sum(e.get("event") == "netdev.named" for e in ev) >= 5,
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_killed_during_the_restore_no_vf_setting_is_lost(make_node, point):
+    root, k = make_node(SLOW.replace("late_vfs = { 1 = 250.0 }", ""), "kill")
+    before = k.call("state")
+
+    def reached() -> bool:
+        ev = jsonl(root / ".sim/timeline.jsonl")
+        ue = jsonl(root / ".sim/uevents.jsonl")
+        start = next((i for i, e in enumerate(ev) if e["event"] == "openibd.loaded"), None)
+        if start is None:
+            return False
+        first_bind = next((i for i, u in enumerate(ue) if u["ACTION"] == "remove"), 0)
+        return KILL_POINTS[point](ev[start:], ue[first_bind:])
+
+    proc = lifecycle(root, wait=False)
+    try:
+        wait_for(reached, f"the restore to reach {point}", 60)
+        proc.kill()
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert journal_states(root)[-1] == "restore"
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-3000:]
+    k.call("wait_settled", timeout=30)
+    assert_restored(before, k.call("state"))
