@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mofed_lifecycle.sim.client import KernelClient, SimKernelError
@@ -291,6 +292,7 @@ def test_events_pending_when_the_kernel_process_stops_complete_after_restart(tin
     assert k.call("state")["pending_events"] > 0
     k.close()
     os.kill(pid, signal.SIGTERM)  # the node's kernel process stops with netdevs still pending
+    psutil.Process(pid).wait(timeout=30)
     k2 = KernelClient(root)  # a restart catches up as if time had passed
     assert k2.call("ping")["pid"] != pid
     k2.call("wait_settled", timeout=30)

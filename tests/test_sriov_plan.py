@@ -119,3 +119,17 @@ def test_snapshot_round_trips_through_json():
                     vfs=(eth_vf(),))
     snap = Snapshot(taken_at=1.5, pfs=(pf,))
     assert Snapshot.from_json(snap.to_json()) == snap and snap.vf_count == 1
+
+
+@given(st.permutations(list(range(6))))
+def test_two_phase_renames_never_collide_and_end_with_the_saved_names(perm):
+    from mofed_lifecycle.sriov.plan import rename_plan
+
+    current = {i: f"rep{i}" for i in range(6)}
+    wanted = {i: f"rep{perm[i]}" for i in range(6)}
+    names = set(current.values())
+    for old, new in rename_plan(current, wanted, lambda i: f"tmp{i}"):
+        assert old in names and new not in names  # a rename never hits a name in use
+        names.remove(old)
+        names.add(new)
+    assert names == set(wanted.values())

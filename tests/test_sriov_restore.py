@@ -198,3 +198,27 @@ def test_killed_during_the_restore_no_vf_setting_is_lost(make_node, point):
     assert r.returncode == 0, r.stderr[-3000:]
     k.call("wait_settled", timeout=30)
     assert_restored(before, k.call("state"))
+
+
+SWITCHDEV = Path(__file__).resolve().parent.parent / "mofed_lifecycle/sim/examples/" \
+    "vfio-and-switchdev.toml"
+
+
+def test_switchdev_comes_back_with_its_representors_and_vfs_bound_once(make_node):
+    root, k = make_node(SWITCHDEV, "sw")
+    # An operator had swapped two representors' names: udev will not give them back by itself.
+    for old, new in (("enp129s0f0np0_0", "tmpname"), ("enp129s0f0np0_1", "enp129s0f0np0_0"),
+                     ("tmpname", "enp129s0f0np0_1")):
+        k.call("nl_set_link", name=old, change={"name": new, "up": False})
+    k.call("nl_set_link", name="enp129s0f0np0_2", change={"mtu": 9000})
+    before = k.call("state")
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = k.call("state")
+    assert_restored(before, after)
+    pf = after["pfs"]["0000:81:00.0"]
+    assert pf["eswitch"] == "switchdev" and len(pf["representors"]) == 4
+    assert pf["representors"]["0"]["name"] == "enp129s0f0np0_1"
+    assert pf["representors"]["2"]["mtu"] == 9000
+    binds = binds_since_reload(root)
+    assert all(binds.get(vf["pci"]) == 1 for vf in pf["vfs"].values())

@@ -255,6 +255,16 @@ class PyrouteNetlink:
             request = vf_request(vf, change, current)
             self._ipr.link("set", index=msg["index"], vf=copy.deepcopy(request))
 
+    def set_vfs(self, pf: str, changes: Mapping[int, VfChange]) -> None:
+        changes = {vf: c for vf, c in changes.items() if not c.is_empty()}
+        if not changes:
+            return
+        msg = self._require(pf)
+        with _translated(f"set {len(changes)} VFs ({', '.join(map(str, changes))}) on {pf}"):
+            current = {s.index: s for s in vfs_of(msg)}
+            request = [vf_request(vf, c, current.get(vf)) for vf, c in sorted(changes.items())]
+            self._ipr.link("set", index=msg["index"], vf=copy.deepcopy(request))
+
     def set_link(self, name: str, change: LinkChange) -> None:
         """Down first, then rename, MTU, address, extra pyroute2 link keywords, and up last."""
         index = self._require(name)["index"]

@@ -8,6 +8,7 @@ a VF by (PF ifname, VF index).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -101,6 +102,11 @@ class Netlink(Protocol):
 
     def set_vf(self, pf: str, vf: int, change: VfChange) -> None:
         """Apply `change` to VF `vf` of PF `pf` (IFLA_VF_* through the PF)."""
+        ...
+
+    def set_vfs(self, pf: str, changes: Mapping[int, VfChange]) -> None:
+        """Apply several VFs' changes in one request (one IFLA_VFINFO_LIST with an IFLA_VF_INFO
+        per VF; the kernel applies them in order and stops at the first refusal)."""
         ...
 
     def set_link(self, name: str, change: LinkChange) -> None:

@@ -34,6 +34,9 @@ class Node:
 
     def close(self) -> None:
         self.netlink.close()
+        closer = getattr(self.sysfs, "client", None)  # a simulated node's kernel connections
+        if closer is not None:
+            closer.close()
 
 
 def open_node(root: str | Path) -> Node:
@@ -41,12 +44,12 @@ def open_node(root: str | Path) -> Node:
     from ..sim.client import is_simulated
 
     if is_simulated(paths.root):
-        from ..sim.client import KernelClient
+        from ..sim.client import PerThreadClient
         from ..sim.netlink import SimNetlink
         from ..sim.node import tool_path
         from ..sim.sysfs import SimSysfs
 
-        client = KernelClient(paths.root)
+        client = PerThreadClient(paths.root)
         env = {**os.environ, "PATH": tool_path(paths.root)}
         return Node(paths, SimNetlink(client), SimSysfs(client), True, env)
     from .netlink import PyrouteNetlink

@@ -40,15 +40,16 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def start_kernel(root: Path) -> None:
+def start_kernel(root: Path) -> subprocess.Popen[bytes]:
     simdir = root / ".sim"
     log = open(simdir / "kernel.log", "ab")  # noqa: SIM115 - handed to the child
-    subprocess.Popen(  # noqa: S603 - fixed argument list
+    proc = subprocess.Popen(  # noqa: S603 - fixed argument list
         [sys.executable, "-m", "mofed_lifecycle.sim.server", "--root", str(root)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         env=clean_env(), cwd=str(root),
     )
     log.close()
+    return proc
 
 
 class KernelClient:
@@ -66,7 +67,7 @@ class KernelClient:
     def _connect(self, autostart: bool) -> socket.socket:
         path = str(self.root / ".sim" / "kernel.sock")
         deadline = time.monotonic() + START_TIMEOUT_S
-        started = False
+        started: subprocess.Popen[bytes] | None = None
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -76,9 +77,10 @@ class KernelClient:
                 s.close()
                 if not autostart:
                     raise
-                if not started:
-                    start_kernel(self.root)
-                    started = True
+                # (Re)start it; one that exits at once lost the lock to a predecessor still
+                # shutting down: try again once that one is gone.
+                if started is None or started.poll() is not None:
+                    started = start_kernel(self.root)
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"the simulated kernel of {self.root} did not start within "
@@ -130,3 +132,34 @@ class KernelClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PerThreadClient:
+    """A KernelClient per calling thread: the restore's PF and VF workers send their requests
+    side by side (the kernel process serves connections concurrently) instead of queueing on one
+    socket's lock."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.clients: list[KernelClient] = [KernelClient(self.root)]
+        self.local.client = self.clients[0]
+
+    def get(self) -> KernelClient:
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = KernelClient(self.root)
+            with self.lock:
+                self.clients.append(client)
+            self.local.client = client
+        return client
+
+    def call(self, op: str, **args: Any) -> Any:
+        return self.get().call(op, **args)
+
+    def close(self) -> None:
+        with self.lock:
+            for client in self.clients:
+                client.close()
+            self.clients.clear()

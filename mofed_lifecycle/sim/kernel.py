@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..host.netlink_types import ZERO_MAC
+from .kernel_eswitch import EswitchMixin
 from .kernel_modules import KernelError, ModulesMixin
 from .kernel_netlink import NetlinkMixin
 from .model import ADMIN_DEFAULTS, KernelState, Netdev, Pf, Vf, ipoib_address
@@ -29,7 +30,7 @@ from .uevent import UeventBus
 __all__ = ["KernelError", "SimKernel"]
 
 
-class SimKernel(ModulesMixin, NetlinkMixin):
+class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin):
     """One node's kernel: mutate only through these methods, then `advance()` the clock."""
 
     def __init__(self, root: Path, sc: Scenario, st: KernelState, *,
@@ -87,7 +88,7 @@ class SimKernel(ModulesMixin, NetlinkMixin):
         return f"/{PCI_PARENT}/{nd.pci}/net/{nd.name}"
 
     def _remove_netdev(self, ifindex: int | None) -> None:
-        nd = self.st.netdevs.pop(ifindex, None) if ifindex is not None else None
+        nd = self.st.pop_netdev(ifindex)
         if nd is None:
             return
         self.tree.drop_netdev(nd)
@@ -127,9 +128,13 @@ class SimKernel(ModulesMixin, NetlinkMixin):
         name = self._kernel_name(pf.link_type) if self.sc.rename else final
         nd = Netdev(ifindex, name, final, pci, pf.link_type, mtu, False, address,
                     not self.sc.rename, *guids)
-        self.st.netdevs[ifindex] = nd
+        self.st.put_netdev(nd)
         owner.netdev = ifindex
+        if vf is None:
+            nd.port_name = pf.port_name()
         self.tree.netdev(nd)
+        if vf is None:
+            self.tree.eswitch(self.st, pf)
         self.note("netdev.appeared", name=name, pci=pci)
         if self.sc.rename:
             idx = vf.index if vf else None
@@ -144,7 +149,7 @@ class SimKernel(ModulesMixin, NetlinkMixin):
             return
         old, old_path = nd.name, self._devpath(nd)
         if self.st.netdev_by_name(nd.final_name) is None:
-            nd.name = nd.final_name
+            self.st.rename_netdev(nd, nd.final_name)
             self.tree.rename_netdev(nd, old)
         nd.named = True
         self.note("netdev.named", name=nd.name, old=old, pci=nd.pci)
@@ -212,6 +217,7 @@ class SimKernel(ModulesMixin, NetlinkMixin):
         self.note("sriov.numvfs", pf=pf.pci, numvfs=n, autoprobe=pf.autoprobe)
 
     def remove_vfs(self, pf: Pf) -> None:
+        self.drop_representors(pf)
         for vf in pf.vfs:
             self._remove_netdev(vf.netdev)
             self.tree.drop_function(vf.pci)
@@ -246,6 +252,12 @@ class SimKernel(ModulesMixin, NetlinkMixin):
                 if vf.driver != driver:
                     raise KernelError(errno.ENODEV, f"{v} is not bound to {driver}")
                 return self._unbind(pf, vf)
+        if len(parts) == 9 and parts[6:] == ["compat", "devlink", "mode"]:
+            nd = self.st.netdev_by_name(parts[5])
+            pf = self.st.pfs.get(nd.pci) if nd else None
+            if pf is None or pf.netdev != nd.ifindex:
+                raise KernelError(errno.EOPNOTSUPP, f"{parts[5]} is not a PF uplink")
+            return self.set_eswitch(pf, v)
         if parts[:2] == ["sys", *PCI_PARENT.split("/")[:1]] and len(parts) == 5:
             found = self.st.function(parts[3])
             if found:

@@ -45,7 +45,7 @@ class NetlinkMixin:
     def _pf_of(self: SimKernel, name: str) -> Pf:
         nd = self._netdev(name)
         pf = self.st.pfs.get(nd.pci)
-        if pf is None:
+        if pf is None or pf.netdev != nd.ifindex:  # a VF, or a representor on the PF's device
             raise KernelError(errno.EOPNOTSUPP, f"{name} is not a PF: it has no VFs to configure")
         return pf
 
@@ -53,7 +53,7 @@ class NetlinkMixin:
         pf = self.st.pfs.get(nd.pci)
         return {"ifindex": nd.ifindex, "name": nd.name, "mtu": nd.mtu, "up": nd.up,
                 "address": nd.address, "link_type": nd.link_type,
-                "num_vf": len(pf.vfs) if pf else 0}
+                "num_vf": len(pf.vfs) if pf and pf.netdev == nd.ifindex else 0}
 
     def nl_link(self: SimKernel, name: str) -> dict[str, Any] | None:
         nd = self.st.netdev_by_name(name)
@@ -66,7 +66,7 @@ class NetlinkMixin:
     def nl_vfs(self: SimKernel, pf_name: str) -> list[dict[str, Any]]:
         nd = self._netdev(pf_name)
         pf = self.st.pfs.get(nd.pci)
-        if pf is None:
+        if pf is None or pf.netdev != nd.ifindex:
             return []
         ib = pf.link == "ib"
         out = []
@@ -118,7 +118,10 @@ class NetlinkMixin:
             raise KernelError(errno.EINVAL, "min_tx_rate exceeds max_tx_rate")
         if ib and ZERO_GUID in (change.get("node_guid"), change.get("port_guid")):
             raise KernelError(errno.EINVAL, "an all-zero GUID cannot be assigned")
+        was = pf.vfs[vf].admin
         pf.vfs[vf].admin = new
+        self.note("vf.set", pf=pf.pci, vf=vf, pci=pf.vfs[vf].pci,
+                  changed={k: v for k, v in new.items() if was.get(k) != v})
         self.dirty = True
 
     def nl_set_link(self: SimKernel, name: str, change: dict[str, Any]) -> None:
@@ -138,6 +141,7 @@ class NetlinkMixin:
                 raise KernelError(errno.EEXIST, f"a netdev named {new_name} exists")
             if nd.up and up is not False:
                 raise KernelError(errno.EBUSY, f"{name} is up: bring it down to rename it")
+        was = {"mtu": nd.mtu, "up": nd.up, "address": nd.address, "name": nd.name}
         if up is False:
             nd.up = False
         if mtu is not None:
@@ -146,7 +150,8 @@ class NetlinkMixin:
             nd.address = address
         if new_name is not None and new_name != nd.name:
             old = nd.name
-            nd.name = nd.final_name = new_name
+            self.st.rename_netdev(nd, new_name)
+            nd.final_name = new_name
             self.tree.rename_netdev(nd, old)
             self.bus.emit("move", f"/{self.tree.dev_dir(nd.pci).relative_to(self.tree.sys)}/net/"
                           f"{new_name}", "net", INTERFACE=new_name, IFINDEX=str(nd.ifindex),
@@ -154,5 +159,8 @@ class NetlinkMixin:
                           f"/net/{old}")
         if up is True:
             nd.up = True
+        now = {"mtu": nd.mtu, "up": nd.up, "address": nd.address, "name": nd.name}
+        self.note("link.set", name=nd.name, pci=nd.pci,
+                  changed={k: v for k, v in now.items() if was[k] != v})
         self.tree.netdev_state(nd)
         self.dirty = True

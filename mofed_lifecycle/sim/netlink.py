@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 
 from ..host.netlink_types import LinkChange, LinkInfo, NetlinkError, VfChange, VfSettings
-from .client import KernelClient, SimKernelError
+from .client import KernelClient, PerThreadClient, SimKernelError
 
 
 class SimNetlink:
     """Same interface and errors as `host.netlink.PyrouteNetlink`, on a simulated node."""
 
-    def __init__(self, client: KernelClient) -> None:
+    def __init__(self, client: KernelClient | PerThreadClient) -> None:
         self.client = client
 
     def _call(self, what: str, op: str, **args: object) -> object:
@@ -33,6 +34,11 @@ class SimNetlink:
     def set_vf(self, pf: str, vf: int, change: VfChange) -> None:
         fields = {k: v for k, v in asdict(change).items() if v is not None}
         self._call(f"set VF {vf} of {pf} {fields}", "nl_set_vf", pf=pf, vf=vf, change=fields)
+
+    def set_vfs(self, pf: str, changes: Mapping[int, VfChange]) -> None:
+        batch = {str(vf): {k: v for k, v in asdict(c).items() if v is not None}
+                 for vf, c in changes.items()}
+        self._call(f"set {len(batch)} VFs of {pf}", "nl_set_vfs", pf=pf, changes=batch)
 
     def set_link(self, name: str, change: LinkChange) -> None:
         fields = {k: v for k, v in asdict(change).items() if v is not None and k != "extra"}

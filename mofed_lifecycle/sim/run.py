@@ -1,29 +1,39 @@
 """`sim run`: build a node from a scenario, run the lifecycle on it, measure, and report.
 
 The lifecycle runs as the real command (`mofed-lifecycle run --root DIR --once`, a subprocess with
-the scenario's environment). Every figure in the report is measured by the simulator — outcome from
-the node's ground truth, `reloaded` and timings from its own kernel timeline — except `phases`,
-which are read from the daemon's journal, as the contract asks.
+the scenario's environment; under umockdev's preload when installed, so the daemon's pyudev code
+path gets the simulated uevents). Every figure in the report is measured by the simulator — outcome
+and VFs from the node's ground truth, `reloaded`, `restore_s` and `disruption_s` from its own kernel
+timeline (`report.py`), the daemon's CPU time and peak RSS from `wait4` — except `phases`, which are
+read from the daemon's journal, as the contract asks.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from ..config import load_config
 from ..host.paths import NodePaths
 from .client import KernelClient, clean_env
 from .node import init_node, stop_kernel
+from .report import format_timeline, measure_restore, node_floor, ratio
 from .scenario import Scenario
+from .uevent import umockdev_env
+
+__all__ = ["SimRun", "format_timeline", "run_lifecycle", "run_scenario"]
 
 COMPARED = ("mlx5_core", "mlx5_ib", "ib_core")
 
@@ -58,29 +68,78 @@ def lifecycle_timeout_s(sc: Scenario, env: dict[str, str]) -> float:
     return 60.0 + min(swap, config.openibd_timeout_s * config.openibd_attempts) * 1.5
 
 
-def run_lifecycle(root: Path, sc: Scenario) -> tuple[str, int | None, float]:
-    """Run `mofed-lifecycle run --once` on the node: (outcome hint, exit code, seconds)."""
-    env = lifecycle_env(sc)
+@dataclass
+class LifecycleExit:
+    """How the lifecycle process ended, and what it cost (its own rusage, from wait4)."""
+
+    hint: str  # "exited" | "timeout"
+    code: int | None
+    seconds: float
+    cpu_s: float | None = None
+    max_rss_mib: float | None = None
+    udev: str = "sim-stream"  # how the daemon got uevents: "pyudev+umockdev" | "sim-stream"
+    argv: list[str] = field(default_factory=list)
+
+
+def _wait4(pid: int, timeout: float | None) -> tuple[int, Any] | None:
+    """Reap `pid` within `timeout` seconds (None: wait for ever): (status, rusage), or None."""
+    if timeout is None:
+        _, status, usage = os.wait4(pid, 0)
+        return status, usage
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None  # no pidfd (old kernel): poll below
+    try:
+        while True:
+            got, status, usage = os.wait4(pid, os.WNOHANG)
+            if got:
+                return status, usage
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if pidfd is not None:
+                select.select([pidfd], [], [], left)  # readable once the process has exited
+            else:
+                time.sleep(min(left, 0.01))  # sleep-ok: bounded poll, only without pidfd
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def run_lifecycle(root: Path, sc: Scenario, *, env_overrides: dict[str, str] | None = None,
+                  extra_args: list[str] | None = None) -> LifecycleExit:
+    """Run `mofed-lifecycle run --once` on the node until it exits (SIGTERM, then SIGKILL, past
+    its timeout), recording the daemon's CPU seconds and peak RSS."""
+    env = {**lifecycle_env(sc), **(env_overrides or {})}
+    timeout = lifecycle_timeout_s(sc, env)
+    mocked = umockdev_env(root, env)
+    argv = [sys.executable, "-m", "mofed_lifecycle.cli", "--log-format", "json", "run",
+            "--root", str(root), "--once", *(extra_args or [])]
     log = (root / ".sim" / "lifecycle.log").open("ab")
     start = time.monotonic()
-    proc = subprocess.Popen(  # noqa: S603 - fixed argument list
-        [sys.executable, "-m", "mofed_lifecycle.cli", "--log-format", "json", "run",
-         "--root", str(root), "--once"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-    )
     try:
-        code = proc.wait(timeout=lifecycle_timeout_s(sc, env))
-        return ("exited", code, time.monotonic() - start)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return ("timeout", None, time.monotonic() - start)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,  # noqa: S603
+                                env=mocked or env)
+        hint, done = "exited", _wait4(proc.pid, timeout)
+        if done is None:  # only we reap it, so the pid is ours to signal until wait4 says so
+            hint = "timeout"
+            os.kill(proc.pid, signal.SIGTERM)
+            done = _wait4(proc.pid, 30)
+            if done is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                done = _wait4(proc.pid, None)
+        status, usage = done
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     finally:
         log.close()
+    return LifecycleExit(
+        hint=hint, code=proc.returncode if hint == "exited" else None,
+        seconds=time.monotonic() - start,
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 4),
+        max_rss_mib=round(usage.ru_maxrss / 1024, 2),  # KiB on Linux
+        udev="pyudev+umockdev" if mocked else "sim-stream", argv=argv[2:])
 
 
 def journal_of(root: Path, sc: Scenario) -> dict[str, Any]:
@@ -114,37 +173,84 @@ def measured_outcome(sc: Scenario, hint: str, code: int | None, after: dict[str,
         "failed")
 
 
-def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool = False) -> SimRun:
-    """Initialise the node, run the lifecycle on it, and build the report."""
+def cpu_seconds(pid: int) -> float | None:
+    """A running process's CPU seconds so far (the simulated kernel's), None if it is gone."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return t.user + t.system
+
+
+def pf_floors(sc: Scenario) -> dict[str, float]:
+    """PF PCI -> its slowest VF's ready delay (scaled), over the VFs that get a netdev."""
+    out = {}
+    for pf in sc.pfs:
+        delays = [sc.vf_ready_delay_s(pf, v.index) for v in pf.vfs if v.driver == "mlx5_core"]
+        if delays:
+            out[pf.pci] = max(delays)
+    return out
+
+
+def restore_figures(sc: Scenario, timeline: list[dict[str, Any]], before: dict[str, Any],
+                    after: dict[str, Any]) -> dict[str, Any]:
+    """The report's restore keys, measured from the kernel timeline and the ground truth."""
+    m = measure_restore(timeline, before, after)
+    limit = round(sc.restore_limit_s(), 6)
+    node = node_floor(m["marks"]["pf_back"], pf_floors(sc)) if m["reloaded"] else None
+    return {
+        "reloaded": m["reloaded"],
+        "disruption_s": m["disruption_s"],
+        "restore_s": m["restore_s"],
+        "restore_limit_s": limit,
+        "restore_ratio": ratio(m["restore_s"], limit),
+        "restore_limit_node_s": node,
+        "restore_ratio_node": ratio(m["restore_s"], node),
+        "restore_marks": m["marks"],
+        "vfs": m["vfs"],
+    }
+
+
+def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool = False,
+                 env_overrides: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> SimRun:
+    """Initialise the node, run the lifecycle on it, and build the report.
+
+    `env_overrides` go over the scenario's [env]; `extra_args` are appended to `run --once`."""
     own_root = root is None
     root = Path(tempfile.mkdtemp(prefix="mofed-sim-")) if own_root else Path(root)
     sc = init_node(scenario, root, force=not own_root)
     try:
         with KernelClient(root) as k:
             state_before = k.call("state")
+            kernel_pid = k.call("ping")["pid"]
+            kernel_cpu = cpu_seconds(kernel_pid)
             start = time.time()
-            hint, code, _took = run_lifecycle(root, sc)
+            ran = run_lifecycle(root, sc, env_overrides=env_overrides, extra_args=extra_args)
             end = time.time()
+            kernel_cpu_end = cpu_seconds(kernel_pid)
             state_after = k.call("state")
         timeline = read_timeline(root, start)
         journal = journal_of(root, sc)
         facts = journal.get("facts", {})
-        vfs_total = sum(len(p.vfs) for p in sc.pfs)
-        outcome = measured_outcome(sc, hint, code, state_after)
+        outcome = measured_outcome(sc, ran.hint, ran.code, state_after)
         report: dict[str, Any] = {
             "scenario": sc.name,
             "time_scale": sc.time_scale,
             "outcome": outcome,
-            "reloaded": any(e["event"] == "openibd.loaded" for e in timeline),
-            "exit_code": code,
+            "reloaded": False,
+            "exit_code": ran.code,
             "reason": None if outcome == "ready" else (facts.get("reason")
                                                         or facts.get("last_error")),
             "phases": phases_since(journal, start, end),
             "duration_s": round(end - start, 4),
-            "disruption_s": None,  # filled once VFs are restored (SR-IOV issue)
-            "restore_s": None,
-            "restore_limit_s": round(sc.restore_limit_s(), 6),
-            "vfs": {"total": vfs_total, "restored": None, "failed": []},
+            **restore_figures(sc, timeline, state_before, state_after),
+            "daemon": {"cpu_s": ran.cpu_s, "max_rss_mib": ran.max_rss_mib, "udev": ran.udev,
+                       "argv": ran.argv},
+            # The simulator's own cost while the lifecycle ran: when it nears duration_s, the
+            # simulated kernel, not the daemon, set the pace.
+            "simulator": {"kernel_cpu_s": None if kernel_cpu is None or kernel_cpu_end is None
+                          else round(kernel_cpu_end - kernel_cpu, 4)},
             "peermem": None,
             "state_before": state_before,
             "state_after": state_after,
@@ -155,53 +261,3 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
         stop_kernel(root)
         if own_root and not keep:
             shutil.rmtree(root, ignore_errors=True)
-
-
-def grouped_events(timeline: list[dict[str, Any]]) -> list[tuple[float, str]]:
-    """Kernel events for humans: a run of the same event (50 netdevs removed) is one line."""
-    out: list[tuple[float, str]] = []
-    i = 0
-    while i < len(timeline):
-        ev = timeline[i]
-        j = i
-        while j + 1 < len(timeline) and timeline[j + 1]["event"] == ev["event"]:
-            j += 1
-        detail = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("t", "event"))
-        if j == i:
-            out.append((ev["t"], f"{ev['event']}  {detail}"))
-        else:
-            last = timeline[j]
-            out.append((ev["t"], f"{ev['event']} x{j - i + 1} until {last['t']:.4f}s  (first: "
-                                 f"{detail})"))
-        i = j + 1
-    return out
-
-
-def format_timeline(run: SimRun) -> str:
-    """A short human timeline: the node, the lifecycle's states and the kernel's events, outcome."""
-    r = run.report
-    before = r["state_before"]
-    mods = before["modules"]
-    lines = [
-        f"scenario {r['scenario']}  (time_scale {r['time_scale']}: divide times by it for a "
-        "real node)",
-        f"  node: kernel {before['kernel']}, driver {before['driver']['loaded_version']} loaded "
-        f"(mlx5_core {mods.get('mlx5_core', {}).get('srcversion', '-')})",
-    ]
-    for pci, pf in before["pfs"].items():
-        lines.append(f"  PF {pci} {pf['name']} ({pf['link']}, mtu {pf['mtu']}, eswitch "
-                     f"{pf['eswitch']}): {pf['numvfs']} VFs")
-    rows = [(p["start_s"], f"state  {p['name']}") for p in r["phases"]]
-    rows += [(t, f"kernel {text}") for t, text in grouped_events(run.timeline)]
-    for t, text in sorted(rows, key=lambda x: x[0]):
-        lines.append(f"  {t:9.4f}s  {text}")
-    lines.append(f"  outcome: {r['outcome']}  reloaded: {r['reloaded']}  exit code: "
-                 f"{r['exit_code']}  took {r['duration_s']:.3f}s")
-    if r["reason"]:
-        lines.append(f"  reason: {r['reason']}")
-    lines.append(f"  restore floor for this node (restore_limit_s): {r['restore_limit_s']:.4f}s; "
-                 "VF restore lands with the SR-IOV issue")
-    if r["outcome"] != "ready" and run.log_tail:
-        lines.append("  last lines of the daemon's log:")
-        lines += [f"    {line}" for line in run.log_tail]
-    return "\n".join(lines)

@@ -157,6 +157,7 @@ class PfSpec:
     mac: str
     vfs: tuple[VfSpec, ...]
     vf_offset: int = 2  # sriov_offset: first VF's routing ID - the PF's (stride is 1)
+    rep_name: str = "{pf}_{vf}"  # udev's name for VF representors (switchdev)
 
     @property
     def link_type(self) -> int:
@@ -164,6 +165,9 @@ class PfSpec:
 
     def vf_final_name(self, index: int) -> str:
         return self.vf_name.format(vf=index, pf=self.name)
+
+    def rep_final_name(self, index: int) -> str:
+        return self.rep_name.format(vf=index, pf=self.name)
 
 
 @dataclass(frozen=True)
@@ -328,6 +332,17 @@ def _pf(where: str, raw: Any, seed: int, vf_offset: int = 2) -> PfSpec:
     numvfs = r.get("numvfs", int, 0, check=lambda v: 0 <= v <= 255)
     totalvfs = r.get("totalvfs", int, max(127, numvfs), check=lambda v: v >= numvfs)
     vf_name = r.get("vf_name", str, name + "v{vf}")
+    rep_name = r.get("rep_name", str, "{pf}_{vf}")
+    for template, key in ((vf_name, "vf_name"), (rep_name, "rep_name")):
+        try:
+            longest = template.format(vf=max(numvfs - 1, 0), pf=name)
+        except (KeyError, IndexError, ValueError) as e:
+            raise r.fail(key, f"bad name template {template!r}: use {{vf}} and {{pf}}") from e
+        if key == "rep_name" and r.table.get("eswitch") != "switchdev":
+            continue
+        if not NAME_RE.match(longest):
+            raise r.fail(key, f"{longest!r} is not a valid interface name (at most 15 "
+                              "characters): choose a shorter template")
     try:
         vf_name.format(vf=0, pf=name)
     except (KeyError, IndexError, ValueError) as e:
@@ -371,6 +386,7 @@ def _pf(where: str, raw: Any, seed: int, vf_offset: int = 2) -> PfSpec:
         numvfs=numvfs,
         totalvfs=totalvfs,
         vf_name=vf_name,
+        rep_name=rep_name,
         mac=derived_mac(seed, pci, "pf"),
         vfs=tuple(vfs),
         vf_offset=vf_offset,

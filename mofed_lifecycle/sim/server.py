@@ -83,6 +83,8 @@ class KernelServer:
             "nl_links": k.nl_links,
             "nl_vfs": lambda: k.nl_vfs(args["pf"]),
             "nl_set_vf": lambda: k.nl_set_vf(args["pf"], args["vf"], args["change"]),
+            "nl_set_vfs": lambda: [k.nl_set_vf(args["pf"], int(vf), change)
+                                   for vf, change in args["changes"].items()],
             "nl_set_link": lambda: k.nl_set_link(args["name"], args["change"]),
             "modprobe": lambda: [x for n in args["names"] for x in
                                  k.load_module(n, use_blacklist=args.get("blacklist", False))],
@@ -189,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                     default=float(os.environ.get("MOFED_SIM_IDLE_EXIT_S", "600")))
     a = ap.parse_args(argv)
     root = a.root.resolve()
-    lock = open(root / ".sim" / "kernel.lock", "w")  # noqa: SIM115 - held for the process's life
+    # "a+", not "w": a start that loses the race must not erase the winner's PID
+    lock = open(root / ".sim" / "kernel.lock", "a+")  # noqa: SIM115 - held for the process's life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another kernel process already serves this node
+    lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     asyncio.run(KernelServer(root, a.idle_exit).serve())

@@ -60,6 +60,9 @@ def ground_truth(st: KernelState, root: Path) -> dict[str, Any]:
             "mtu": pnd.mtu if pnd else None, "up": pnd.up if pnd else None,
             "mac": pnd.address if pnd else None, "eswitch": pf.eswitch,
             "numvfs": len(pf.vfs), "autoprobe": pf.autoprobe, "vfs": vfs,
+            "representors": {i: {"name": r.name, "mtu": r.mtu, "up": r.up}
+                             for i, r in ((i, st.netdevs[x]) for i, x in sorted(
+                                 pf.reps.items(), key=lambda kv: int(kv[0])))},
         }
     return {
         "kernel": st.kernel,

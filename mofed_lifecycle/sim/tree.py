@@ -122,6 +122,8 @@ class Tree:
                 self.function(st, pf, vf)
         for nd in st.netdevs.values():
             self.netdev(nd)
+        for pf in st.pfs.values():
+            self.eswitch(st, pf)
 
     # ---- modules ---------------------------------------------------------------------------
     def modules(self, st: KernelState) -> None:
@@ -253,7 +255,15 @@ class Tree:
         _link(f"{d}/subsystem", "../../../../../class/net")
         _link(f"{d}/device", "../../../" + nd.pci)
         _link(f"{self.sys}/class/net/{nd.name}", f"../../{PCI_PARENT}/{nd.pci}/net/{nd.name}")
+        if nd.port_name:
+            _write(f"{d}/phys_port_name", nd.port_name + "\n")
         self.netdev_state(nd)
+
+    def eswitch(self, st: KernelState, pf: Pf) -> None:
+        """MOFED's compat view of the devlink eswitch mode, on the PF's uplink netdev."""
+        nd = st.netdevs.get(pf.netdev) if pf.netdev is not None else None
+        if nd is not None and pf.link == "eth":
+            _write(self.netdev_dir(nd) / "compat" / "devlink" / "mode", pf.eswitch + "\n")
 
     def netdev_state(self, nd: Netdev) -> None:
         """What `ip link set` changes: MTU, address, admin state."""

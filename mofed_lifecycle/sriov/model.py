@@ -32,6 +32,16 @@ class VfSnapshot:
 
 
 @dataclass(frozen=True)
+class RepSnapshot:
+    """A VF representor (switchdev): its VF index, name, MTU and admin state."""
+
+    index: int
+    name: str
+    mtu: int | None
+    up: bool | None
+
+
+@dataclass(frozen=True)
 class PfSnapshot:
     pci: str
     netdev: str | None
@@ -43,18 +53,22 @@ class PfSnapshot:
     numvfs: int
     autoprobe: bool
     vfs: tuple[VfSnapshot, ...] = field(default_factory=tuple)
+    representors: tuple[RepSnapshot, ...] = field(default_factory=tuple)
 
     @property
     def ib(self) -> bool:
         return self.link_type == 32
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "vfs"},
-                "vfs": [v.to_json() for v in self.vfs]}
+        return {**{k: v for k, v in asdict(self).items() if k not in ("vfs", "representors")},
+                "vfs": [v.to_json() for v in self.vfs],
+                "representors": [asdict(r) for r in self.representors]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PfSnapshot:
-        return cls(**{**d, "vfs": tuple(VfSnapshot.from_json(v) for v in d["vfs"])})
+        return cls(**{**d, "vfs": tuple(VfSnapshot.from_json(v) for v in d["vfs"]),
+                      "representors": tuple(RepSnapshot(**r)
+                                            for r in d.get("representors", []))})
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ only what is still wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 from ..host.netlink_types import LinkChange, LinkInfo, VfChange, VfSettings
@@ -100,3 +101,14 @@ def link_change(saved: VfSnapshot | PfSnapshot, now: LinkInfo) -> LinkChange:
 def link_change_is_empty(change: LinkChange) -> bool:
     return change.mtu is None and change.up is None and change.name is None \
         and change.address is None
+
+
+def rename_plan(current: dict[int, str], wanted: dict[int, str], temp: Callable[[int], str]
+                ) -> list[tuple[str, str]]:
+    """Renames that give each representor its saved name, in two phases: every one that must move
+    goes to a temporary name first, then to its final one, so that two that swap names (udev
+    named VF 1's representor what VF 0's was) never collide."""
+    moves = {i: (current[i], wanted[i]) for i in sorted(wanted)
+             if i in current and current[i] != wanted[i]}
+    return ([(cur, temp(i)) for i, (cur, _) in moves.items()]
+            + [(temp(i), want) for i, (_, want) in moves.items()])

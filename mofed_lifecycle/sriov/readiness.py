@@ -7,12 +7,13 @@ are never carried over: the name is the one the last event gave, re-read at the 
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..host.udev import NetdevEvents
+from ..host.udev import NetdevEvent, NetdevEvents
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Readiness:
         self.expected_driver: dict[str, str] = {}
         self.fresh: list[Expected] = []  # became ready in `expect`: handed out by the next poll
         self.lock = threading.Lock()
+        self.watchers: dict[str, list[queue.Queue[NetdevEvent]]] = {}
 
     def expect(self, pci: str, name: str | None, driver: str, *, check_now: bool = True) -> None:
         """Wait for `pci`'s netdev. `check_now`: a netdev already carrying `name` counts as ready
@@ -49,6 +51,13 @@ class Readiness:
             if ready_now:
                 e.ready, e.netdev = True, name
                 self.fresh.append(e)
+
+    def watch(self, pci: str) -> queue.Queue[NetdevEvent]:
+        """Every later event of `pci`'s netdevs, copied to a queue (representors of a PF)."""
+        q: queue.Queue[NetdevEvent] = queue.Queue()
+        with self.lock:
+            self.watchers.setdefault(pci, []).append(q)
+        return q
 
     def undelivered(self) -> bool:
         """Ready in `expect` but not yet handed out by `poll`."""
@@ -71,6 +80,8 @@ class Readiness:
             ev = self.events.poll(wait)
             if ev is not None:
                 with self.lock:
+                    for q in self.watchers.get(ev.pci or "", ()):
+                        q.put(ev)
                     e = self.expected.get(ev.pci) if ev.pci else None
                     if e is not None and ev.action == "remove":
                         e.ready, e.netdev = False, None

@@ -21,7 +21,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from ..host.netlink_types import NetlinkError
+from ..host.netlink_types import LinkChange, NetlinkError, VfChange
 from ..host.node import Node
 from .model import PfSnapshot, Snapshot, VfSnapshot
 from .plan import (
@@ -35,10 +35,12 @@ from .plan import (
     vf_change,
 )
 from .readiness import Expected, Readiness, progress_line
-from .snapshot import driver_of, netdev_of, vf_pci
+from .representors import restore_representors
+from .snapshot import driver_of, eswitch_mode, netdev_of, vf_pci
 
 TRANSIENT = {errno.EBUSY, errno.EAGAIN, errno.ENODEV, errno.ENOENT, errno.ETIMEDOUT, errno.EINTR}
 PROGRESS_EVERY_S = 5.0
+SETTINGS_BATCH = 32  # VFs per netlink request (IFLA_VFINFO_LIST), well under a message's size
 POLL_S = 0.05  # the event wait's slice: PF workers' progress is checked between slices
 
 
@@ -201,52 +203,126 @@ class Restorer:
             if autoprobe_off:
                 self.write(dev / "sriov_drivers_autoprobe", "0")
                 self.write(dev / "sriov_numvfs", str(pf.numvfs))
-            self.configure_vfs(pf, readiness)
+            watch = readiness.watch(pf.pci)  # the representors' events, from before the switch
+            to_bind = self.configure_vfs(pf, readiness)
+            switched, rebound = self.ensure_eswitch(pf)
+            self.bind_vfs(to_bind + rebound, readiness)
+            if pf.representors:
+                try:
+                    restore_representors(self, pf, watch, switched=switched)
+                except (OSError, RuntimeError, RestoreAborted) as e:
+                    self.result.failed[f"{pf.pci}/representors"] = str(e)
+                    self.log.error("restore.representors_failed", pf=pf.pci, error=str(e))
         finally:  # as it was, also when a killed predecessor left it off
             now = (dev / "sriov_drivers_autoprobe").read_text().strip() != "0"
             if now != pf.autoprobe:
                 self.write(dev / "sriov_drivers_autoprobe", "1" if pf.autoprobe else "0")
 
-    def configure_vfs(self, pf: PfSnapshot, readiness: Readiness) -> None:
+    def ensure_eswitch(self, pf: PfSnapshot) -> tuple[bool, list[VfSnapshot]]:
+        """Put the eswitch back in its saved mode while the VFs are unbound (mlx5 refuses the
+        change otherwise): (switched, VFs that had to be unbound for it and need binding again)."""
+        uplink = netdev_of(self.paths, pf.pci)
+        now = eswitch_mode(self.paths, uplink)
+        if pf.eswitch is None or now is None or now == pf.eswitch:
+            return False, []
+        rebound = [vf for vf in pf.vfs if driver_of(self.paths, vf.pci) == NETDEV_DRIVER]
+        for vf in rebound:
+            self.unbind(vf, NETDEV_DRIVER)
+        self.write(self.paths.net(uplink) / "compat" / "devlink" / "mode", pf.eswitch)
+        self.log.info("restore.eswitch", pf=pf.pci, mode=pf.eswitch, rebound=len(rebound))
+        self.result.strategy[pf.pci] += f", eswitch {pf.eswitch} before binding"
+        return True, rebound
+
+    def bind_vfs(self, vfs: list[VfSnapshot], readiness: Readiness) -> None:
+        for vf in vfs:
+            if vf.driver is None:
+                continue
+            try:
+                readiness.expect(vf.pci, vf.netdev, vf.driver, check_now=False)
+                self.bind(vf, vf.driver)
+            except (OSError, RestoreAborted) as e:
+                self.result.failed[vf.pci] = str(e)
+                self.log.error("restore.vf_failed", vf=vf.pci, error=str(e))
+
+    def configure_vfs(self, pf: PfSnapshot, readiness: Readiness) -> list[VfSnapshot]:
+        """Admin settings through the PF, unbinds where needed; returns the VFs to bind."""
         pf_name = netdev_of(self.paths, pf.pci) or pf.netdev or ""
         current = {s.index: s for s in self.retrying(f"read VFs of {pf_name}",
                                                      self.node.netlink.vfs, pf_name)}
-        rebinds = 0
+        vfs: list[VfSnapshot] = []
         for vf in pf.vfs:
+            if vf_pci(self.paths, pf.pci, vf.index) == vf.pci:
+                vfs.append(vf)
+            else:
+                self.vf_failed(pf, vf, f"VF {vf.index} of {pf.pci} is not at {vf.pci} any more")
+        changes = {vf.index: vf_change(vf.settings, current.get(vf.index), ib=pf.ib)
+                   for vf in vfs}
+        self.apply_settings(pf, pf_name, {i: c for i, c in changes.items() if not c.is_empty()})
+        rebinds = 0
+        to_bind: list[VfSnapshot] = []
+        for vf in vfs:
+            if vf.pci in self.result.failed:
+                continue
             try:
-                if vf_pci(self.paths, pf.pci, vf.index) != vf.pci:
-                    raise RuntimeError(f"VF {vf.index} of {pf.pci} is not at {vf.pci} any more")
-                change = vf_change(vf.settings, current.get(vf.index), ib=pf.ib)
-                if not change.is_empty():
-                    self.retrying(f"set VF {vf.index} of {pf_name}", self.node.netlink.set_vf,
-                                  pf_name, vf.index, change)
                 driver = driver_of(self.paths, vf.pci)
                 netdev = netdev_of(self.paths, vf.pci)
                 link = self.node.netlink.link(netdev) if netdev else None
                 rebind = must_rebind(vf, driver, link, ib=pf.ib,
-                                     identity_changed=identity_changes(change))
+                                     identity_changed=identity_changes(changes[vf.index]))
                 if driver is not None and (driver != vf.driver or rebind):
                     self.unbind(vf, driver)
                     driver = None
                     rebinds += rebind
-                fresh = driver is None
-                if vf.driver is not None and fresh:
-                    readiness.expect(vf.pci, vf.netdev, vf.driver, check_now=False)
-                    self.bind(vf, vf.driver)
+                if vf.driver is not None and driver is None:
+                    to_bind.append(vf)
                 elif vf.driver is not None and (vf.netdev is not None or netdev is not None):
                     readiness.expect(vf.pci, vf.netdev, vf.driver)
                 else:  # bound as it was, no netdev here (a pod's namespace): nothing to finish
                     self.no_netdev.add(vf.pci)
-            except (OSError, RuntimeError, RestoreAborted) as e:
-                self.result.failed[vf.pci] = str(e)
-                self.log.error("restore.vf_failed", vf=vf.pci, pf=pf.pci, index=vf.index,
-                               error=str(e))
+            except (OSError, RestoreAborted) as e:
+                self.vf_failed(pf, vf, str(e))
         if rebinds:
             self.result.strategy[pf.pci] += f" (+{rebinds} rebinds)"
+        return to_bind
+
+    def apply_settings(self, pf: PfSnapshot, pf_name: str, changes: dict[int, VfChange]) -> None:
+        """Every VF's admin settings, a batch of VFs per netlink request; a refused batch is
+        applied VF by VF so that the one refused VF is the one reported."""
+        by_index = {vf.index: vf for vf in pf.vfs}
+        indexes = sorted(changes)
+        for start in range(0, len(indexes), SETTINGS_BATCH):
+            batch = {i: changes[i] for i in indexes[start:start + SETTINGS_BATCH]}
+            try:
+                self.retrying(f"set {len(batch)} VFs of {pf_name}", self.node.netlink.set_vfs,
+                              pf_name, batch)
+                continue
+            except (OSError, RestoreAborted):
+                pass
+            for i, change in batch.items():
+                try:
+                    self.retrying(f"set VF {i} of {pf_name}", self.node.netlink.set_vf,
+                                  pf_name, i, change)
+                except (OSError, RestoreAborted) as e:
+                    self.vf_failed(pf, by_index[i], str(e))
+
+    def vf_failed(self, pf: PfSnapshot, vf: VfSnapshot, why: str) -> None:
+        self.result.failed[vf.pci] = why
+        self.log.error("restore.vf_failed", vf=vf.pci, pf=pf.pci, index=vf.index, error=why)
 
     def finish_vf(self, vf: VfSnapshot) -> None:
-        """On a pool worker: MTU and admin state on the VF's netdev, name resolved now."""
-        self.retrying(f"set the link of {vf.pci}", self.restore_link, vf, None)
+        """On a pool worker: MTU and admin state on the VF's netdev, name resolved now (both are
+        idempotent on the kernel side: no read first, one request per VF)."""
+        change = LinkChange(mtu=vf.mtu, up=vf.up)
+        if link_change_is_empty(change):
+            return
+
+        def apply() -> None:
+            netdev = netdev_of(self.paths, vf.pci)
+            if netdev is None:
+                raise NetlinkError(errno.ENODEV, f"{vf.pci} has no netdev")
+            self.node.netlink.set_link(netdev, change)
+
+        self.retrying(f"set the link of {vf.pci}", apply)
 
 
 def restore(node: Node, snapshot: Snapshot, *, deadline_s: float, workers: int,

@@ -9,15 +9,17 @@ and netdev come from the PF's `virtfnN` link.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 from ..host.files import atomic_write_json, read_json
 from ..host.netlink_types import Netlink, NetlinkError, VfSettings
 from ..host.paths import NodePaths
-from .model import PfSnapshot, Snapshot, VfSnapshot
+from .model import PfSnapshot, RepSnapshot, Snapshot, VfSnapshot
 
 MELLANOX = "0x15b3"
+REP_PORT = re.compile(r"^pf\d+vf(\d+)$")  # a VF representor's phys_port_name
 SNAPSHOT_FILE = "sriov-snapshot.json"
 
 
@@ -44,13 +46,34 @@ def mellanox_pfs(paths: NodePaths) -> list[str]:
             and (base / n / "sriov_totalvfs").exists() and not (base / n / "physfn").exists()]
 
 
-def netdev_of(paths: NodePaths, pci: str) -> str | None:
-    """The netdev of PCI function `pci` right now (None if it has none in this namespace)."""
+def _netdevs(paths: NodePaths, pci: str) -> list[str]:
     try:
-        names = sorted(os.listdir(paths.pci_device(pci) / "net"))
+        return sorted(os.listdir(paths.pci_device(pci) / "net"))
     except OSError:
-        return None
+        return []
+
+
+def representor_index(paths: NodePaths, pci: str, name: str) -> int | None:
+    """The VF index of representor `name` (phys_port_name `pf<fn>vf<i>`), None if not one."""
+    m = REP_PORT.match(_read(paths.pci_device(pci) / "net" / name / "phys_port_name") or "")
+    return int(m.group(1)) if m else None
+
+
+def netdev_of(paths: NodePaths, pci: str) -> str | None:
+    """The netdev of PCI function `pci` right now (its uplink for a PF in switchdev mode, not a
+    representor); None if it has none in this namespace."""
+    names = [n for n in _netdevs(paths, pci) if representor_index(paths, pci, n) is None]
     return names[0] if names else None
+
+
+def representors(paths: NodePaths, pci: str) -> dict[int, str]:
+    """VF index -> representor netdev name, for PF `pci` (switchdev)."""
+    out = {}
+    for name in _netdevs(paths, pci):
+        index = representor_index(paths, pci, name)
+        if index is not None:
+            out[index] = name
+    return out
 
 
 def driver_of(paths: NodePaths, pci: str) -> str | None:
@@ -97,13 +120,18 @@ def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
                                   driver=driver_of(paths, vpci), netdev=vnet,
                                   mtu=vlink.mtu if vlink else None,
                                   up=vlink.up if vlink else None))
+        reps = []
+        for index, name in sorted(representors(paths, pci).items()):
+            rlink = netlink.link(name)
+            reps.append(RepSnapshot(index, name, rlink.mtu if rlink else None,
+                                    rlink.up if rlink else None))
         pfs.append(PfSnapshot(
             pci=pci, netdev=netdev,
             link_type=_int(paths.net(netdev) / "type", 1) if netdev else 1,
             mtu=link.mtu if link else None, up=link.up if link else None,
             mac=link.address if link else None, eswitch=eswitch_mode(paths, netdev),
             numvfs=numvfs, autoprobe=_int(dev / "sriov_drivers_autoprobe", 1) != 0,
-            vfs=tuple(vfs)))
+            vfs=tuple(vfs), representors=tuple(reps)))
     return Snapshot(taken_at=time.time(), pfs=tuple(pfs))
 
 
