@@ -131,8 +131,7 @@ vf.0 = {{ mac = "02:00:00:00:{bus:02x}:00", vlan = 10 }}
 
 
 def default_node_dir() -> str | None:
-    """tmpfs when there is one: the simulated kernel keeps its sysfs tree as files, and on a disk
-    its file operations, not the daemon, would set the pace at 1,016 VFs (real sysfs is memory)."""
+    """tmpfs when there is one (see mofed_lifecycle.sim.run.node_dir)."""
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 

@@ -222,3 +222,19 @@ def test_switchdev_comes_back_with_its_representors_and_vfs_bound_once(make_node
     assert pf["representors"]["2"]["mtu"] == 9000
     binds = binds_since_reload(root)
     assert all(binds.get(vf["pci"]) == 1 for vf in pf["vfs"].values())
+
+
+@pytest.mark.parametrize("name", ["upgrade-50vf-eth", "dgx-ib-8x8"])
+def test_sim_run_restores_every_vf_of_the_shared_scenarios(name, tmp_path):
+    """Acceptance: outcome ready, every VF in state_after as in state_before (admin settings on the
+    PF and what each VF's own netdev has), VF 16 of the 50-VF node, which appears late, included."""
+    from .test_lifecycle import SHARED, sim_run
+
+    doc = sim_run(SHARED / f"{name}.toml", tmp_path)
+    assert doc["outcome"] == "ready" and doc["reloaded"] is True
+    assert doc["vfs"]["restored"] == doc["vfs"]["total"] and doc["vfs"]["failed"] == []
+    assert_restored(doc["state_before"], doc["state_after"])
+    if name == "upgrade-50vf-eth":
+        vf16 = doc["state_after"]["pfs"]["0000:01:00.0"]["vfs"]["16"]
+        assert vf16["netdev"] == "enp1s0f0v16" and vf16["netdev_mac"] == vf16["mac"]
+    assert doc["restore_s"] is not None and doc["restore_limit_s"] > 0

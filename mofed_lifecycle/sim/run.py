@@ -211,6 +211,16 @@ def restore_figures(sc: Scenario, timeline: list[dict[str, Any]], before: dict[s
     }
 
 
+def node_dir() -> str | None:
+    """Where `sim run` makes its temporary node: $TMPDIR if set, else tmpfs when there is one —
+    real sysfs lives in memory, and on a disk the simulated kernel's file operations, not the
+    daemon, would set the pace of a big restore."""
+    if os.environ.get("TMPDIR"):
+        return None
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool = False,
                  env_overrides: dict[str, str] | None = None,
                  extra_args: list[str] | None = None) -> SimRun:
@@ -218,7 +228,7 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
 
     `env_overrides` go over the scenario's [env]; `extra_args` are appended to `run --once`."""
     own_root = root is None
-    root = Path(tempfile.mkdtemp(prefix="mofed-sim-")) if own_root else Path(root)
+    root = Path(tempfile.mkdtemp(prefix="mofed-sim-", dir=node_dir())) if own_root else Path(root)
     sc = init_node(scenario, root, force=not own_root)
     try:
         with KernelClient(root) as k:
