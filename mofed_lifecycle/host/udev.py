@@ -13,7 +13,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,12 +52,39 @@ class NetdevEvents(Protocol):
     def close(self) -> None: ...
 
 
-class PyudevNetdevEvents:
+class QueuedNetdevEvents:
+    """A reader thread turns a source of udev property sets into NetdevEvents on a queue at once;
+    `poll` takes them. The source is pyudev's monitor on a node, the kernel process's stream on a
+    simulated node without umockdev."""
+
+    def __init__(self, source: Iterator[Mapping[str, str]], name: str) -> None:
+        self.queue: queue.Queue[NetdevEvent | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._pump, args=(source,), daemon=True, name=name)
+        self.thread.start()
+
+    def _pump(self, source: Iterator[Mapping[str, str]]) -> None:
+        try:
+            for props in source:
+                ev = event_from_properties(props)
+                if ev is not None:
+                    self.queue.put(ev)
+        except (OSError, ValueError):
+            pass
+        self.queue.put(None)  # the source ended: wake a waiting poll
+
+    def poll(self, timeout: float | None) -> NetdevEvent | None:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class PyudevNetdevEvents(QueuedNetdevEvents):
     """udev's netdev events through pyudev's monitor (started at construction: no event lost).
 
-    A reader thread drains the monitor socket into a queue at once, so that a burst (a thousand VFs
-    created and renamed while the restore is busy binding) never fills the socket buffer: a full
-    buffer makes the kernel drop events (ENOBUFS), and a dropped `add` is a VF waited for in vain.
+    The reader thread drains the monitor socket at once, so that a burst (a thousand VFs created
+    and renamed while the restore is busy binding) never fills the socket buffer: a full buffer
+    makes the kernel drop events (ENOBUFS), and a dropped `add` is a VF waited for in vain.
     """
 
     RECEIVE_BUFFER = 16 * 1024 * 1024
@@ -70,28 +97,14 @@ class PyudevNetdevEvents:
         with contextlib.suppress(Exception):  # needs CAP_NET_ADMIN beyond rmem_max; best effort
             self.monitor.set_receive_buffer_size(self.RECEIVE_BUFFER)
         self.monitor.start()
-        self.queue: queue.Queue[NetdevEvent | None] = queue.Queue()
         self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._pump, daemon=True, name="udev-netdev-events")
-        self.thread.start()
+        super().__init__(self._devices(), "udev-netdev-events")
 
-    def _pump(self) -> None:
+    def _devices(self) -> Iterator[Mapping[str, str]]:
         while not self.closed.is_set():
-            try:
-                device = self.monitor.poll(timeout=0.2)
-            except (OSError, ValueError):
-                break
+            device = self.monitor.poll(timeout=0.2)  # bounded: close() is noticed within 0.2 s
             if device is not None:
-                ev = event_from_properties(dict(device.properties))
-                if ev is not None:
-                    self.queue.put(ev)
-        self.queue.put(None)
-
-    def poll(self, timeout: float | None) -> NetdevEvent | None:
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+                yield dict(device.properties)
 
     def close(self) -> None:
         self.closed.set()
