@@ -76,6 +76,38 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--once", action="store_true", help="exit 0 once loaded")
     pm.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
 
+    pr = sub.add_parser(
+        "probe", formatter_class=fmt,
+        help="Kubernetes exec probe: startup, ready or live (exit 0 pass, 1 fail)",
+        description="Check one thing that matters; print one line saying why (exit 0 pass, 1 "
+                    "fail).\n  ready    marker valid JSON; each module's loaded srcversion = the "
+                    "marker's = installed\n           (modinfo); VF restore finished\n  live     "
+                    "heartbeat fresh; the current step not past its budget\n  startup  marker "
+                    "set, or the daemon up and progressing\nRead-only (never takes the lock); "
+                    "reads the variables `run` does (DRIVER_READY_PATH...).",
+        epilog="examples (the DaemonSet's probes): mofed-lifecycle probe startup | ready | live",
+    )
+    pr.add_argument("which", choices=("startup", "ready", "live"), help="what to check")
+    pr.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
+    pr.add_argument("--max-age", type=float, default=None, metavar="S",
+                    help="live/startup: oldest acceptable heartbeat in seconds (default: 3 "
+                         "heartbeat intervals, HEARTBEAT_INTERVAL_SEC)")
+
+    stp = sub.add_parser(
+        "status", formatter_class=fmt,
+        help="one screen: state, driver versions, marker, VFs, lock holder, last error",
+        description="What the daemon on this node is doing and has done, for an operator: "
+                    "current state and since\nwhen, last transition, loaded and installed "
+                    "srcversions, readiness marker, VFs restored or\nfailed, lock holder, "
+                    "heartbeat, last error, and the SIGTERM budget. Read-only (no lock).",
+        epilog="examples:\n"
+               "  kubectl exec -n nvidia-network-operator POD -c mofed-container -- "
+               "mofed-lifecycle status\n"
+               "  mofed-lifecycle status --json | jq .vfs\n",
+    )
+    stp.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
+    stp.add_argument("--json", action="store_true", help="print the status as JSON")
+
     cfg = sub.add_parser(
         "config", formatter_class=fmt, epilog=EPILOG,
         help="check the environment and print the configuration it gives (secrets hidden)",
@@ -177,6 +209,33 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quiet_logs(args: argparse.Namespace) -> None:
+    """probe/status print their answer on stdout; the tools they run log only at warning+."""
+    if args.log_level == "info":
+        configure_logging(json={"auto": None, "json": True, "console": False}[args.log_format],
+                          level="warning")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import run_probe
+
+    _quiet_logs(args)
+    result = run_probe(args.which, args.root, load_config(os.environ,
+                                                          require_driver_version=False),
+                       args.max_age)
+    print(result.line(args.which))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import format_status, gather
+
+    _quiet_logs(args)
+    st = gather(args.root, load_config(os.environ, require_driver_version=False))
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return EXIT_OK
+
+
 def cmd_peermem(args: argparse.Namespace) -> int:
     return _not_implemented("peermem", "the peermem loader issue")
 
@@ -219,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     from .sim.node import NodeExists
     from .sim.scenario import ScenarioError
 
-    handlers = {"run": cmd_run, "peermem": cmd_peermem, "config": cmd_config, "sim": cmd_sim}
+    handlers = {"run": cmd_run, "peermem": cmd_peermem, "config": cmd_config, "sim": cmd_sim,
+                "probe": cmd_probe, "status": cmd_status}
     try:
         return handlers[args.command](args)
     except (ConfigError, ScenarioError, NodeExists, UsageError) as e:

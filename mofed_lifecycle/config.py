@@ -113,6 +113,16 @@ def parse_version(text: str) -> str:
     return text
 
 
+def parse_prom_path(text: str) -> str:
+    if not text:
+        return ""
+    path = parse_abs_path(text)
+    if not path.endswith(".prom"):
+        raise ValueError("expected an absolute path ending in .prom (node_exporter's textfile "
+                         "collector reads only *.prom), or empty to turn metrics off")
+    return path
+
+
 def parse_text(text: str) -> str:
     if CONTROL_RE.search(text):
         raise ValueError("expected printable text on one line (no control characters)")
@@ -212,6 +222,12 @@ SPECS: tuple[Spec, ...] = (
          "set the readiness marker when some VFs could not be restored (they are reported by PCI "
          "address in the log and status.json, and retried at the next start); false: stay not "
          "ready and retry every RECHECK_INTERVAL_SEC"),
+    Spec("HEARTBEAT_INTERVAL_SEC", "heartbeat_interval_s", parse_positive_seconds, "10",
+         "seconds between heartbeats (`heartbeat.json` beside the journal) that `mofed-lifecycle "
+         "probe live` checks"),
+    Spec("METRICS_TEXTFILE", "metrics_textfile", parse_prom_path, "",
+         "Prometheus metrics for node_exporter's textfile collector, rewritten atomically on "
+         "every state change (a `.prom` path); empty: off", empty_is_value=True),
     Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",
          "Ubuntu Pro token (a secret: never logged)", empty_is_value=True, secret=True),
 )
@@ -254,6 +270,8 @@ class Config:
     vf_restore_timeout_s: float
     vf_restore_workers: int
     ready_on_partial_restore: bool
+    heartbeat_interval_s: float
+    metrics_textfile: str
     ubuntu_pro_token: str
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the secret

@@ -29,6 +29,7 @@ from .journal import JOURNAL_DIR, Journal
 from .machine import CRITICAL, Outcome, State, next_state
 from .preflight import Preflight
 from .steps import StepFailed, Steps
+from .telemetry import Telemetry
 
 EXIT_OK, EXIT_FAILED = 0, 1
 CRASH_AT_ENV = "MOFED_LIFECYCLE_CRASH_AT"  # fault injection for tests: SIGKILL self on entering
@@ -53,6 +54,9 @@ class Runner(Steps):
         self.preflight: Preflight | None = None
         self.crash_at = os.environ.get(CRASH_AT_ENV, "")
         self.swap_failed = False  # a step of the swap failed: unblacklist, then fail
+        # sd_notify (STATUS=, READY=1, STOPPING=1, WATCHDOG=1), heartbeat.json, metrics
+        self.telemetry = Telemetry(p, config, self.journal,
+                                   lambda: (self.state_name, self.journal.since))
 
     # ---- waiting --------------------------------------------------------------------------------
     def sleep(self, seconds: float) -> None:
@@ -63,6 +67,7 @@ class Runner(Steps):
         self.log.info("signal.received", signal=signal.Signals(signum).name, state=self.state_name,
                       next="finishing the driver swap first" if self.in_critical() else "stopping")
         self.stop.set()
+        self.telemetry.stop_requested(self.in_critical())
 
     @property
     def state_name(self) -> str | None:
@@ -79,8 +84,10 @@ class Runner(Steps):
             self.log.error("lock.held", path=str(self.lock.path), holder_pid=e.pid, error=str(e))
             return EXIT_FAILED
         try:
+            self.telemetry.start()  # the heartbeat beats while we hold the lock
             return self._run_locked()
         finally:
+            self.telemetry.close()
             self.lock.release()
 
     def _startup_cleanup(self) -> None:
@@ -115,6 +122,7 @@ class Runner(Steps):
     def enter(self, state: State, **detail: Any) -> None:
         self.journal.enter(state, **detail)
         self.transitions.enter(str(state), **detail)
+        self.telemetry.entered(state)  # STATUS=; READY=1 on serve (marker set); STOPPING=1
         if self.crash_at == str(state):
             os.kill(os.getpid(), signal.SIGKILL)
 
