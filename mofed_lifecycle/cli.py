@@ -74,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pm.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
     pm.add_argument("--once", action="store_true", help="exit 0 once loaded")
-    pm.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    pm.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="give up after this many seconds (exit 1 naming what was missing); "
+                         "default: never")
+    pm.add_argument("--wait-gpu-driver", action="store_true",
+                    help="also wait for the GPU driver's marker and the nvidia module "
+                         "(PEERMEM_WAIT_GPU_DRIVER=true does the same): for a sidecar")
 
     pr = sub.add_parser(
         "probe", formatter_class=fmt,
@@ -160,11 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _not_implemented(what: str, issue: str) -> int:
-    print(f"mofed-lifecycle {what}: not implemented yet ({issue})", file=sys.stderr)
-    return EXIT_FAILED
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .host.node import open_node
 
@@ -237,7 +237,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_peermem(args: argparse.Namespace) -> int:
-    return _not_implemented("peermem", "the peermem loader issue")
+    from .peermem.loader import run_loader, tools_for
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g}: expected a number of seconds greater than 0")
+    config = load_config(os.environ, require_driver_version=False)
+    get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
+    return run_loader(tools_for(args.root), config, once=args.once, timeout_s=args.timeout,
+                      wait_gpu=args.wait_gpu_driver or config.peermem_wait_gpu_driver)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -123,6 +123,18 @@ def parse_prom_path(text: str) -> str:
     return path
 
 
+MODULE_PARAM_RE = re.compile(r"^[A-Za-z0-9_]{1,64}=[^\s\x00-\x1f\x7f;&|`$<>]*$")
+
+
+def parse_module_params(text: str) -> tuple[str, ...]:
+    params = tuple(text.split())
+    bad = next((p for p in params if not MODULE_PARAM_RE.match(p)), None)
+    if bad is not None:
+        raise ValueError(f"expected space-separated module parameters name=value; {bad!r} is "
+                         "not one")
+    return params
+
+
 def parse_text(text: str) -> str:
     if CONTROL_RE.search(text):
         raise ValueError("expected printable text on one line (no control characters)")
@@ -228,6 +240,26 @@ SPECS: tuple[Spec, ...] = (
     Spec("METRICS_TEXTFILE", "metrics_textfile", parse_prom_path, "",
          "Prometheus metrics for node_exporter's textfile collector, rewritten atomically on "
          "every state change (a `.prom` path); empty: off", empty_is_value=True),
+    # The peermem loader (`mofed-lifecycle peermem`, GPU side) and the lifecycle's side of it.
+    Spec("PEERMEM_UNLOAD_WAIT_SEC", "peermem_unload_wait_s", parse_seconds, "30",
+         "before a reload, seconds to wait for a watching peermem loader to unload nvidia_peermem "
+         "(then the lifecycle unloads it itself if unused, or refuses the reload if in use)"),
+    Spec("GPU_DRIVER_READY_PATH", "gpu_driver_ready_path", parse_abs_path,
+         "/run/nvidia/validations/.driver-ctr-ready",
+         "the GPU driver container's readiness marker"),
+    Spec("PEERMEM_WAIT_GPU_DRIVER", "peermem_wait_gpu_driver", parse_bool, "false",
+         "peermem: also wait for GPU_DRIVER_READY_PATH and the `nvidia` module (a sidecar); false "
+         "when it runs inside the GPU driver container, before that marker exists"),
+    Spec("PEERMEM_MODULE_PARAMS", "peermem_module_params", parse_module_params, "",
+         "peermem: module parameters for `modprobe nvidia-peermem`, space separated `name=value`",
+         empty_is_value=True),
+    Spec("PEERMEM_MODPROBE_TIMEOUT_SEC", "peermem_modprobe_timeout_s", parse_positive_seconds,
+         "60", "peermem: `modprobe nvidia-peermem` may take this long before it is killed"),
+    Spec("PEERMEM_DEBOUNCE_SEC", "peermem_debounce_s", parse_seconds, "1",
+         "peermem: the NIC driver's srcversions must stay the same this long before a load"),
+    Spec("PEERMEM_RECHECK_SEC", "peermem_recheck_s", parse_positive_seconds, "10",
+         "peermem: the longest pause between re-checks of what inotify cannot see (modules, "
+         "/proc/kallsyms) while waiting; rechecks back off from 0.1 s to this"),
     Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",
          "Ubuntu Pro token (a secret: never logged)", empty_is_value=True, secret=True),
 )
@@ -272,6 +304,13 @@ class Config:
     ready_on_partial_restore: bool
     heartbeat_interval_s: float
     metrics_textfile: str
+    peermem_unload_wait_s: float
+    gpu_driver_ready_path: str
+    peermem_wait_gpu_driver: bool
+    peermem_module_params: tuple[str, ...]
+    peermem_modprobe_timeout_s: float
+    peermem_debounce_s: float
+    peermem_recheck_s: float
     ubuntu_pro_token: str
 
     def __repr__(self) -> str:  # a traceback or a debug print never shows the secret

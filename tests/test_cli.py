@@ -93,9 +93,12 @@ def test_sim_init_refuses_a_non_empty_directory_and_force_rebuilds_a_node(tmp_pa
         stop_kernel(node)
 
 
-def test_peermem_says_it_is_not_implemented_yet_and_fails():
-    r = cli("peermem")
-    assert r.returncode == 1 and "not implemented yet" in r.stderr
+def test_peermem_gives_up_at_its_deadline_naming_what_is_missing(tmp_path: Path):
+    assert cli("peermem", "--timeout", "0").returncode == 2  # a usage error, one line
+    r = cli("peermem", "--root", str(tmp_path), "--once", "--timeout", "0.3")
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1].startswith("mofed-lifecycle: nvidia-peermem not loaded "
+                                                "after 0.3s: the NIC driver's readiness marker")
 
 
 def test_logs_are_json_lines_with_event_names_off_a_tty(tmp_path: Path):

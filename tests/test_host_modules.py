@@ -175,7 +175,8 @@ def test_modprobe_remove_stops_at_the_first_module_in_use_and_says_what_to_do(ma
     with pytest.raises(ModuleCommandError) as e:
         modprobe_remove(["nvidia_peermem", "mlx5_fwctl"], env_for(root), T)
     msg = str(e.value)
-    assert msg.startswith("modprobe -r nvidia_peermem failed (exit 1): modprobe: FATAL: ")
+    # rmmod, not `modprobe -r`: that would also take nvidia (the GPU driver) as unused
+    assert msg.startswith("rmmod nvidia_peermem failed (exit 1): rmmod: ERROR: ")
     assert "in use" in msg and "stop that user, then retry" in msg
     assert e.value.returncode == 1 and isinstance(e.value, OSError)
     assert "mlx5_fwctl" in read_module_facts(NodePaths.at(root))  # the rest is left alone

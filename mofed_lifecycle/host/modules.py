@@ -17,6 +17,10 @@ from .commands import CommandResult, run_command
 from .paths import NodePaths
 
 NOT_LOADED_MARK = "is not in kernel"  # kmod's `modprobe -r` of a module that is not loaded
+RMMOD_NOT_LOADED_MARK = "is not currently loaded"  # kmod's `rmmod` of one that is not loaded
+# Unloaded with `rmmod`, alone: `modprobe -r nvidia_peermem` would also take its now-unused
+# dependency `nvidia` — the GPU driver — away.
+UNLOAD_ALONE = frozenset({"nvidia_peermem"})
 
 
 class ModuleCommandError(OSError):
@@ -119,19 +123,20 @@ def modprobe(names: Iterable[str], env: Mapping[str, str], timeout_s: float) -> 
 
 
 def modprobe_remove(names: Iterable[str], env: Mapping[str, str], timeout_s: float) -> None:
-    """`modprobe -r <m>` for each module, in the order given (holders first).
+    """`modprobe -r <m>` (`rmmod` for UNLOAD_ALONE) for each module, in the order given (holders
+    first).
 
     A module that is already gone (an earlier `modprobe -r` took it as an unused dependency) is
     fine; any other failure raises ModuleCommandError and leaves the rest loaded."""
     log = get_logger("modules")
     for m in names:
-        argv = ["modprobe", "-r", m]
+        argv = ["rmmod", m] if _canon(m) in UNLOAD_ALONE else ["modprobe", "-r", m]
         step = (f"something started using {m} after the preflight check: see `lsmod`, "
                 f"/sys/module/{_canon(m)}/holders and its open devices, stop that user, then retry")
         r = _run(argv, env, timeout_s, f"unload {m}")
         if r.ok:
             continue
-        if NOT_LOADED_MARK in r.stderr:
+        if NOT_LOADED_MARK in r.stderr or RMMOD_NOT_LOADED_MARK in r.stderr:
             log.info("module.already_unloaded", module=m, stderr=r.stderr.strip())
             continue
         raise _failed(argv, r, step)

@@ -23,6 +23,7 @@ from ..host.modules import (
     modprobe_remove,
     read_module_facts,
 )
+from ..peermem.presence import wait_for_peermem_unload
 from ..sriov.restore import restore
 from ..sriov.snapshot import load_snapshot, save_snapshot, take_snapshot
 from .decide import compared_modules, decide
@@ -86,6 +87,10 @@ class Steps:
         return Outcome.OK
 
     def step_preflight(self: Runner) -> Outcome:
+        # A watching peermem loader unloads nvidia_peermem once the marker is gone (cleared at
+        # startup): give it its budget, then decide on fresh module facts (presence.py).
+        if wait_for_peermem_unload(self.node.paths, self.config, self.stop, self.log):
+            self.facts = read_module_facts(self.node.paths)
         self.preflight = plan(self.facts, self.config)
         self.journal.set(preflight=self.preflight.to_json())
         if self.preflight.refused:
@@ -236,6 +241,7 @@ class Steps:
         if not self.journal.facts.get("reloaded_by_us"):
             self.log.info("inbox_restore.skipped", why="this node's driver was not reloaded by us")
             return
+        wait_for_peermem_unload(self.node.paths, self.config, None, self.log)  # we are stopping
         try:
             r = run_command(["mlnxofedctl", "--alt-mods", "force-restart"],
                             timeout_s=self.config.openibd_timeout_s, env=self.node.env,

@@ -15,7 +15,16 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .model import Module
-from .scenario import AUX_DEPS, INBOX, STACK_DEPS, deps_for, peer_exporter, stack_modules
+from .peermem_ko import find_peermem_ko, peer_crc, read_modversions
+from .scenario import (
+    AUX_DEPS,
+    INBOX,
+    PEER_SYMBOLS,
+    STACK_DEPS,
+    deps_for,
+    peer_exporter,
+    stack_modules,
+)
 
 if TYPE_CHECKING:
     from .kernel import SimKernel
@@ -92,22 +101,57 @@ class ModulesMixin:
         self._modules_changed()
         return [*loaded, name]
 
-    def _load_peermem(self: SimKernel) -> list[str]:
-        gpu = self.sc.gpu
+    def peermem_error(self: SimKernel) -> tuple[KernelError, str] | None:
+        """Why `modprobe nvidia-peermem` would fail now: (the error modprobe reports, the kernel
+        log's reason), or None. Judged from the `.ko` on disk against the live stack."""
+        ko = find_peermem_ko(self.root, self.sc.kernel)
+        if ko is None:
+            return KernelError(errno.ENOENT, "Module nvidia_peermem not found in directory "
+                               f"/lib/modules/{self.sc.kernel}"), "no nvidia-peermem.ko installed"
+        insert = "could not insert 'nvidia_peermem': "
+        fields = dict(line.split("=", 1) for line in ko.read_text().splitlines() if "=" in line)
+        if not fields.get("vermagic", "").startswith(self.sc.kernel + " "):
+            return (KernelError(errno.ENOEXEC, insert + "Exec format error"),
+                    f"version magic '{fields.get('vermagic')}' should be '{self.sc.kernel} ...'")
+        crcs = read_modversions(ko)
+        if not any(s in crcs for s in PEER_SYMBOLS):
+            return (KernelError(errno.EINVAL, insert + "Invalid argument"),
+                    "init returned -22 (a stub: built without the ofa_kernel headers)")
         core = self.st.modules.get("ib_core")
         exporter = peer_exporter(core.version) if core else None
         if not exporter or exporter not in self.st.modules:
-            raise KernelError(errno.ENOENT, "could not insert 'nvidia_peermem': Unknown symbol in "
-                              "module, or unknown parameter (see dmesg)")
-        built_for = (self.sc.installed_version if gpu.peermem_ko == "matching"
-                     else self.sc.loaded_version)
-        if gpu.peermem_ko == "stub" or core.version != built_for:
-            raise KernelError(errno.EINVAL, "could not insert 'nvidia_peermem': Invalid argument")
-        uses = sorted({"ib_core", exporter})
+            return (KernelError(errno.ENOENT, insert + "Unknown symbol in module, or unknown "
+                                "parameter (see dmesg)"),
+                    f"Unknown symbol {PEER_SYMBOLS[0]} (err -2)")
+        have = self.st.modules[exporter].version
+        for sym in PEER_SYMBOLS:
+            if crcs.get(sym) != peer_crc(have, sym):
+                return (KernelError(errno.EINVAL, insert + "Invalid argument"),
+                        f"disagrees about version of symbol {sym}")
+        return None
+
+    def _load_peermem(self: SimKernel) -> list[str]:
+        failure = self.peermem_error()
+        if failure is not None:
+            err, why = failure
+            self.note("peermem.load_failed", errno=errno.errorcode.get(err.errno, err.errno),
+                      dmesg=why)
+            raise err
+        core = self.st.modules["ib_core"]
+        uses = sorted({"ib_core", peer_exporter(core.version) or "ib_core"})
         self._insert("nvidia_peermem", "nvidia", "PEERMEM" + core.srcversion[:16], uses)
         self.st.peermem_loads += 1
         self._modules_changed()
         return ["nvidia_peermem"]
+
+    def peermem_info(self: SimKernel) -> dict[str, Any]:
+        """What the simulator knows about nvidia-peermem: loads so far, loaded now, and whether a
+        load would fail now (and why)."""
+        failure = self.peermem_error() if "nvidia_peermem" not in self.st.modules else None
+        return {"loads": self.st.peermem_loads, "loaded": "nvidia_peermem" in self.st.modules,
+                "load_error": None if failure is None else {
+                    "errno": errno.errorcode.get(failure[0].errno, failure[0].errno),
+                    "error": failure[0].strerror, "dmesg": failure[1]}}
 
     def unload_module(self: SimKernel, name: str) -> None:
         """`rmmod NAME`: refuses while any module or user holds it."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .peermem_report import peermem_lines, peermem_rows
+
 # Kernel events that move a VF towards its old state; the last one on a restored VF ends restore.
 VF_RESTORE_EVENTS = frozenset(
     {"netdev.appeared", "netdev.named", "link.set", "vf.set", "pci.bound"})
@@ -209,6 +211,7 @@ def format_timeline(run: Any) -> str:
                      f"{pf['eswitch']}): {pf['numvfs']} VFs")
     rows = [(p["start_s"], f"state  {p['name']}") for p in r["phases"]]
     rows += [(t, f"kernel {text}") for t, text in grouped_events(run.timeline)]
+    rows += [(t, f"gpu    {text}") for t, text in peermem_rows(r.get("peermem"))]
     for t, text in sorted(rows, key=lambda x: x[0]):
         lines.append(f"  {t:9.4f}s  {text}")
     lines.append(f"  outcome: {r['outcome']}  reloaded: {r['reloaded']}  exit code: "
@@ -216,6 +219,7 @@ def format_timeline(run: Any) -> str:
     if r["reason"]:
         lines.append(f"  reason: {r['reason']}")
     lines += restore_lines(r)
+    lines += peermem_lines(r.get("peermem"))
     if r["outcome"] != "ready" and run.log_tail:
         lines.append("  last lines of the daemon's log:")
         lines += [f"    {line}" for line in run.log_tail]

@@ -29,6 +29,7 @@ from ..config import load_config
 from ..host.paths import NodePaths
 from .client import KernelClient, clean_env
 from .node import init_node, stop_kernel
+from .peermem_run import GpuSide, report_block
 from .report import format_timeline, measure_restore, node_floor, ratio
 from .scenario import Scenario
 from .uevent import umockdev_env
@@ -230,17 +231,26 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
     own_root = root is None
     root = Path(tempfile.mkdtemp(prefix="mofed-sim-", dir=node_dir())) if own_root else Path(root)
     sc = init_node(scenario, root, force=not own_root)
+    gpu: GpuSide | None = None
     try:
         with KernelClient(root) as k:
             state_before = k.call("state")
             kernel_pid = k.call("ping")["pid"]
             kernel_cpu = cpu_seconds(kernel_pid)
+            peermem_loads = k.call("peermem")["loads"]
             start = time.time()
+            if sc.gpu is not None:  # the GPU side's loader, started at [gpu] peermem_start_s
+                gpu = GpuSide(root, sc, {**lifecycle_env(sc), **(env_overrides or {})}, start)
             ran = run_lifecycle(root, sc, env_overrides=env_overrides, extra_args=extra_args)
             end = time.time()
+            if gpu is not None:
+                gpu.finish(k, lifecycle_ok=ran.code == 0)
             kernel_cpu_end = cpu_seconds(kernel_pid)
             state_after = k.call("state")
         timeline = read_timeline(root, start)
+        if gpu is not None:
+            with KernelClient(root) as k:
+                peermem = report_block(gpu, k, timeline, start, peermem_loads)
         journal = journal_of(root, sc)
         facts = journal.get("facts", {})
         outcome = measured_outcome(sc, ran.hint, ran.code, state_after)
@@ -261,13 +271,15 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
             # simulated kernel, not the daemon, set the pace.
             "simulator": {"kernel_cpu_s": None if kernel_cpu is None or kernel_cpu_end is None
                           else round(kernel_cpu_end - kernel_cpu, 4)},
-            "peermem": None,
+            "peermem": peermem if gpu is not None else None,
             "state_before": state_before,
             "state_after": state_after,
         }
         log = (root / ".sim" / "lifecycle.log").read_text(errors="replace").splitlines()
         return SimRun(root, report, timeline, log[-12:])
     finally:
+        if gpu is not None:
+            gpu.finish(None, lifecycle_ok=False)  # never leave a loader behind
         stop_kernel(root)
         if own_root and not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -91,6 +91,7 @@ class KernelServer:
             "modprobe_remove": lambda: [x for n in args["names"] for x in k.remove_module(n)],
             "rmmod": lambda: k.unload_module(args["name"]),
             "lsmod": k.lsmod_rows,
+            "peermem": k.peermem_info,
             "openibd_stop": k.openibd_stop,
             "openibd_start": lambda: k.openibd_start(alt=bool(args.get("alt", False))),
         }

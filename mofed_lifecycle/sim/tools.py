@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .client import KernelClient, SimKernelError
+from .peermem_ko import read_modversions
 
 TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl")
 
@@ -78,7 +79,27 @@ def modinfo(root: Path, argv: list[str]) -> int:
     return rc
 
 
+def dump_modversions(root: Path, argv: list[str]) -> int:
+    """`modprobe --dump-modversions FILE`: the CRC of every symbol the module imports."""
+    files = [a for a in argv if not a.startswith("-")]
+    if not files:
+        print("modprobe: ERROR: missing filename.", file=sys.stderr)
+        return 1
+    path = root / files[0].lstrip("/") if files[0].startswith("/") else Path(files[0])
+    try:
+        crcs = read_modversions(path)
+    except OSError as e:
+        print(f"modprobe: FATAL: could not get modversions of {files[0]}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    for sym, crc in crcs.items():
+        print(f"0x{int(crc, 16):08x}\t{sym}")
+    return 0
+
+
 def modprobe(root: Path, argv: list[str]) -> int:
+    if "--dump-modversions" in argv:
+        return dump_modversions(root, argv)
     remove = quiet = blacklist = all_names = False
     names: list[str] = []
     for a in argv:

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .model import KernelState, Netdev, Pf, Vf, is_vendor
+from .peermem_ko import render_peermem_files
 from .scenario import AUX_DEPS, PEER_SYMBOLS, STACK_DEPS, Scenario, deps_for, peer_exporter
 
 PCI_PARENT = "devices/pci0000:00"
@@ -79,6 +80,7 @@ class Tree:
         _write(self.sys / "bus/pci/drivers_probe", "")
         self.driver_dir("vfio-pci", present=True)
         self.render_module_files()
+        render_peermem_files(self.root, self.sc)  # nvidia-peermem.ko, the driver's Module.symvers
 
     def render_module_files(self) -> None:
         """The installed (container) modules under updates/ and the host's copies under kernel/."""
