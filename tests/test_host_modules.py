@@ -26,7 +26,7 @@ from mofed_lifecycle.host.modules import (
 from mofed_lifecycle.host.paths import NodePaths
 from mofed_lifecycle.lifecycle.decide import compared_modules, decide
 from mofed_lifecycle.lifecycle.preflight import STACK, ModuleFacts, plan
-from mofed_lifecycle.sim.scenario import load_scenario, parse_scenario
+from mofed_lifecycle.sim.scenario_parse import load_scenario, parse_scenario
 
 from .conftest import SCENARIOS
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mofed_lifecycle.sim.client import KernelClient
-from mofed_lifecycle.sim.scenario import parse_scenario
+from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
 from .conftest import SCENARIOS
 

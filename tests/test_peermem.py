@@ -35,7 +35,7 @@ from mofed_lifecycle.peermem.inotify import FileWatcher
 from mofed_lifecycle.peermem.presence import LoaderPresence, loader_watching
 from mofed_lifecycle.sim.peermem_ko import ko_text, peer_crc, symvers_rel
 from mofed_lifecycle.sim.run import run_scenario
-from mofed_lifecycle.sim.scenario import parse_scenario
+from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
 from .conftest import SHARED_SCENARIOS
 from .test_lifecycle import MARKER, events, jsonl, kernel_events, lifecycle, wait_for

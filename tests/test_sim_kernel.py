@@ -21,7 +21,7 @@ import pytest
 
 from mofed_lifecycle.sim.client import KernelClient, SimKernelError
 from mofed_lifecycle.sim.node import stop_kernel
-from mofed_lifecycle.sim.scenario import load_scenario
+from mofed_lifecycle.sim.scenario_parse import load_scenario
 
 from .conftest import SCENARIOS
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .client import PKG_PARENT, is_simulated
 from .model import initial_state, save_state
-from .scenario import Scenario, load_scenario
+from .scenario import Scenario
+from .scenario_parse import load_scenario
 from .tools import TOOLS
 from .tree import Tree
 

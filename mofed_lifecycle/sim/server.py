@@ -22,7 +22,7 @@ from typing import Any
 
 from .kernel import KernelError, SimKernel
 from .model import load_state, save_state
-from .scenario import parse_scenario
+from .scenario_parse import parse_scenario
 from .state import ground_truth
 
 PERSIST_DEBOUNCE_S = 0.05  # at least; a big node saves less often (see persist)
