@@ -356,10 +356,6 @@ def load_config(env: Mapping[str, str], *, require_driver_version: bool = True) 
     return Config(**values)
 
 
-def defaults() -> dict[str, str | None]:
-    """Each variable's default as text (None: required)."""
-    return {s.var: s.default for s in SPECS}
-
 
 def markdown_table() -> str:
     """The README's configuration table, generated from SPECS."""

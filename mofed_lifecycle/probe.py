@@ -24,7 +24,8 @@ from .config import Config
 from .heartbeat import read_heartbeat
 from .host.files import read_json
 from .host.paths import NodePaths
-from .status import driver_srcversions, journal_dir, module_list, read_marker
+from .lifecycle.journal import journal_dir
+from .status import driver_srcversions, module_list, read_marker
 
 SERVING = ("ready", "serve")
 

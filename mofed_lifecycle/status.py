@@ -22,7 +22,7 @@ from .host.files import read_json
 from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
 from .host.paths import NodePaths
 from .lifecycle.decide import compared_modules
-from .lifecycle.journal import JOURNAL_DIR
+from .lifecycle.journal import journal_dir
 
 MODINFO_TIMEOUT_S = 5.0
 
@@ -37,10 +37,6 @@ def tool_env(paths: NodePaths) -> dict[str, str]:
 
         env["PATH"] = tool_path(paths.root)
     return env
-
-
-def journal_dir(paths: NodePaths, config: Config) -> Path:
-    return paths.resolve(config.drivers_mount) / JOURNAL_DIR
 
 
 def read_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:

@@ -13,11 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..host.files import atomic_write_json, read_json
+from ..host.paths import NodePaths
 from .machine import SWAP_STATES, State
 
 HISTORY_LIMIT = 500  # entries kept (oldest dropped): a journal never grows without bound
 JOURNAL_DIR = "mofed-lifecycle"
+
+
+def journal_dir(paths: NodePaths, config: Config) -> Path:
+    """Where the journal, status.json and the SR-IOV snapshot live: under the drivers mount."""
+    return paths.resolve(config.drivers_mount) / JOURNAL_DIR
 
 
 class Journal:
@@ -75,13 +82,3 @@ class Journal:
             "reloaded_by_us": self.facts.get("reloaded_by_us", False),
         })
 
-
-def phases(history: list[dict[str, Any]], end: float | None = None) -> list[dict[str, Any]]:
-    """[{name, start, end}] per state entered (absolute times), from a journal's history."""
-    entries = [h for h in history if "state" in h]
-    out = []
-    for i, h in enumerate(entries):
-        last = end if end is not None else h["at"]
-        nxt = entries[i + 1]["at"] if i + 1 < len(entries) else last
-        out.append({"name": h["state"], "start": h["at"], "end": nxt})
-    return out

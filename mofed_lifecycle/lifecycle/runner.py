@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -25,7 +24,7 @@ from ..host.modules import ModuleCommandError
 from ..host.node import Node
 from ..log import Transitions, get_logger
 from .decide import Decision
-from .journal import JOURNAL_DIR, Journal
+from .journal import Journal, journal_dir
 from .machine import CRITICAL, Outcome, State, next_state
 from .preflight import Preflight
 from .steps import StepFailed, Steps
@@ -44,7 +43,7 @@ class Runner(Steps):
         self.marker_path = p.resolve(config.driver_ready_path)
         self.blacklist_path = p.resolve(config.blacklist_file)
         self.lock = InstanceLock(p.resolve(config.lock_file_path))
-        self.journal = Journal(p.resolve(config.drivers_mount) / JOURNAL_DIR)
+        self.journal = Journal(journal_dir(p, config))
         self.stop = threading.Event()
         self.transitions = Transitions(self.log)
         self.facts: dict[str, Any] = {}
@@ -184,8 +183,3 @@ def run_lifecycle(node: Node, config: Config, *, once: bool) -> int:
     runner.log.info("exit", code=code, elapsed_s=round(time.monotonic() - started, 3))
     return code
 
-
-def journal_dir(node_root: Path, config: Config) -> Path:
-    from ..host.paths import NodePaths
-
-    return NodePaths.at(node_root).resolve(config.drivers_mount) / JOURNAL_DIR

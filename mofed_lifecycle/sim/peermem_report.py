@@ -19,10 +19,6 @@ from typing import Any
 REBUILD_ERRNOS = ("EINVAL", "ENOEXEC")
 
 
-def _first(times: list[float], after: float) -> float | None:
-    return next((t for t in times if t >= after), None)
-
-
 def measure_peermem(timeline: list[dict[str, Any]], kernel: dict[str, Any], loads_before: int,
                     marker_changes: list[tuple[float, bool]],
                     loader: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import psutil
 
 from ..config import load_config
 from ..host.paths import NodePaths
+from ..lifecycle.journal import journal_dir
 from .client import KernelClient, clean_env
 from .node import init_node, stop_kernel
 from .peermem_run import GpuSide, report_block
@@ -145,7 +146,7 @@ def run_lifecycle(root: Path, sc: Scenario, *, env_overrides: dict[str, str] | N
 
 def journal_of(root: Path, sc: Scenario) -> dict[str, Any]:
     config = load_config(lifecycle_env(sc), require_driver_version=False)
-    path = NodePaths.at(root).resolve(config.drivers_mount) / "mofed-lifecycle" / "journal.json"
+    path = journal_dir(NodePaths.at(root), config) / "journal.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
