@@ -21,7 +21,7 @@ from .heartbeat import read_heartbeat, stop_budget_s
 from .host.files import read_json
 from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
 from .host.paths import NodePaths
-from .lifecycle.decide import compared_modules
+from .lifecycle.decide import CORE
 from .lifecycle.journal import journal_dir
 
 MODINFO_TIMEOUT_S = 5.0
@@ -58,7 +58,7 @@ def read_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 def module_list(config: Config, marker: dict[str, Any] | None) -> list[str]:
     extra = list((marker or {}).get("srcversions", {}))
-    return list(dict.fromkeys([*compared_modules(config), *extra]))
+    return list(dict.fromkeys([*CORE, *extra]))  # the core, and whatever the marker recorded
 
 
 def driver_srcversions(paths: NodePaths, modules: list[str]) -> dict[str, dict[str, Any]]:

@@ -54,9 +54,14 @@ def ib_node(*, peermem_users: int = 1, **extra: tuple[int, tuple[str, ...]]) -> 
 # ---- decide --------------------------------------------------------------------------------
 
 
-def test_compared_modules_add_the_nfs_rdma_pair_only_when_enabled():
-    assert compared_modules(BASE) == CORE3
-    assert compared_modules(config(ENABLE_NFSRDMA="yes")) == (*CORE3, "nvme_rdma", "rpcrdma")
+def test_compared_modules_cover_the_whole_stack_and_the_nfs_rdma_pair_only_when_enabled():
+    mods = compared_modules(BASE)
+    assert mods[:3] == CORE3
+    for m in ("ib_uverbs", "ib_umad", "ib_ipoib", "ib_cm", "rdma_cm", "rdma_ucm", "mlx5_fwctl"):
+        assert m in mods, m
+    assert "nvme_rdma" not in mods
+    nfs = compared_modules(config(ENABLE_NFSRDMA="yes"))
+    assert nfs[-2:] == ("nvme_rdma", "rpcrdma")
 
 
 def test_same_srcversions_mean_no_reload_and_the_line_shows_them():
@@ -69,19 +74,51 @@ def test_same_srcversions_mean_no_reload_and_the_line_shows_them():
 
 def test_a_changed_srcversion_reloads_and_the_line_names_both_and_what_did_not_change():
     loaded = {"mlx5_core": OLD, "mlx5_ib": NEW, "ib_core": None}
-    d = decide(loaded, dict.fromkeys(CORE3, NEW), CORE3)
+    d = decide(loaded, dict.fromkeys(CORE3, NEW), CORE3, present={"mlx5_core", "mlx5_ib"})
     assert d.reload and [c.module for c in d.differences] == ["mlx5_core", "ib_core"]
     assert d.explain() == (f"reload: mlx5_core srcversion {OLD} loaded ≠ {NEW} installed; "
                            f"ib_core not loaded (installed srcversion {NEW}); unchanged: mlx5_ib")
 
 
-def test_a_module_missing_on_either_side_is_a_difference_never_a_match():
-    mods = ("nvme_rdma", "rpcrdma")
-    d = decide({"nvme_rdma": NEW}, {"nvme_rdma": "", "rpcrdma": None}, mods)
+def test_a_module_absent_on_both_sides_or_installed_but_not_loaded_is_no_reason_to_reload():
+    mods = (*CORE3, "nvme_rdma", "rpcrdma")
+    loaded = dict.fromkeys(CORE3, NEW)
+    d = decide(loaded, {**loaded, "nvme_rdma": NEW}, mods, present=set(CORE3))
+    assert not d.reload and d.differences == ()
+    assert d.to_load == ("nvme_rdma",)
+    assert "installed, not loaded (no reason to reload): nvme_rdma" in d.explain()
+
+
+def test_a_foreign_stack_module_reloads():
+    mods = (*CORE3, "ib_uverbs", "rdma_ucm")
+    inst = dict.fromkeys(mods, NEW)
+    d = decide({**inst, "ib_uverbs": OLD}, inst, mods, present=set(mods))
+    assert d.reload and [c.module for c in d.differences] == ["ib_uverbs"]
+    assert f"ib_uverbs srcversion {OLD} loaded ≠ {NEW} installed" in d.explain()
+    d = decide(inst, {**inst, "rdma_ucm": None}, mods, present=set(mods))
+    assert d.reload and "rdma_ucm srcversion" in d.explain() and "not installed" in d.explain()
+
+
+def test_an_unversioned_loaded_module_is_explained_truthfully():
+    loaded = {"mlx5_core": None, "mlx5_ib": None, "ib_core": None}
+    d = decide(loaded, dict.fromkeys(CORE3, NEW), CORE3, present=set(CORE3))
     assert d.reload
-    assert [(c.loaded, c.installed) for c in d.comparisons] == [(NEW, None), (None, None)]
-    assert "nvme_rdma srcversion" in d.explain() and "not installed" in d.explain()
-    assert "rpcrdma neither loaded nor installed" in d.explain()
+    assert ("mlx5_core has no srcversion (an unversioned, inbox build): cannot compare, "
+            "reloading") in d.explain()
+    assert "neither loaded nor installed" not in d.explain()
+
+
+@given(st.dictionaries(st.sampled_from(["mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs",
+                                        "nvme_rdma", "rpcrdma"]),
+                       st.sampled_from(["A", "B"]), max_size=6))
+def test_a_node_whose_loaded_stack_equals_the_installed_one_is_never_reloaded(installed):
+    mods = ("mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs", "nvme_rdma", "rpcrdma")
+    if not all(m in installed for m in CORE3):
+        return  # no installed driver: inspect refuses before deciding
+    # the loaded stack is a subset of the installed modules, each the same build
+    for loaded_set in (set(CORE3), set(installed)):
+        loaded = {m: installed[m] for m in loaded_set}
+        assert not decide(loaded, installed, mods, present=loaded_set).reload
 
 
 def test_decision_json_is_serialisable_for_the_journal():
@@ -89,7 +126,7 @@ def test_decision_json_is_serialisable_for_the_journal():
     j = json.loads(json.dumps(d.to_json()))
     assert j["reload"] is True and j["explanation"] == d.explain()
     assert j["modules"] == [{"module": "mlx5_core", "loaded": OLD, "installed": NEW,
-                             "differs": True}]
+                             "present": True, "differs": True}]
 
 
 # ---- classify ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mofed_lifecycle.sim.client import KernelClient
+from mofed_lifecycle.sim.scenario import AUX_DEPS, STACK_DEPS
 from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
 from .conftest import SCENARIOS
@@ -98,7 +99,10 @@ def assert_installed_driver_ready(root: Path, k: KernelClient, scenario: Path | 
     assert st["markers"][MARKER] is True
     marker = json.loads((root / MARKER).read_text())
     assert marker["driver_version"] == "25.07-0.9.7"
-    assert marker["srcversions"] == {m: sc.installed_srcversion(m) for m in COMPARED}
+    # the marker records the whole loaded stack, each module the installed build
+    stack = [m for m in st["modules"] if m in STACK_DEPS or m in AUX_DEPS]
+    assert set(COMPARED) <= set(stack)
+    assert marker["srcversions"] == {m: sc.installed_srcversion(m) for m in stack}
 
 
 # ---- outcomes ---------------------------------------------------------------------------------
@@ -192,8 +196,12 @@ def test_openibd_hanging_past_its_timeout_fails_cleanly(make_node):
     assert failed["state"] == "reload" and "failed 2 times" in failed["error"]
     st = k.call("state")
     assert st["blacklist_files"] == [] and not st["markers"][MARKER]
-    # the blacklist goes, then the run fails: no restore, no marker on a node without its driver
-    assert journal_states(root)[-3:] == ["reload", "unblacklist", "failed"]
+    # the modules unloaded for the swap are loaded back, the blacklist goes, then the run fails:
+    # no restore, no marker on a node without its driver
+    assert journal_states(root)[-4:] == ["reload", "reload-aux", "unblacklist", "failed"]
+    assert {"nvme_rdma", "mlx5_fwctl"} <= set(st["modules"])  # NVMe-oF is not left down
+    unwound = next(e for e in evs if e["event"] == "swap.unwound")
+    assert unwound["not_reloaded"] == [] and "consistent" in unwound["node"]
 
 
 # ---- one instance, signals ----------------------------------------------------------------------
@@ -228,8 +236,13 @@ def test_sigterm_during_the_reload_finishes_the_swap_then_stops(make_node):
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     states = journal_states(root)
-    assert states[-5:] == ["reload", "reload-aux", "unblacklist", "stopping", "stopped"]
+    # the VF restore belongs to the critical section: the stop waits for the VFs to be back
+    assert states[-6:] == ["reload", "reload-aux", "unblacklist", "restore", "stopping",
+                           "stopped"]
     st = k.call("state")
+    pf = st["pfs"]["0000:18:00.0"]
+    assert pf["numvfs"] == 2 and all(v["driver"] == "mlx5_core" and v["netdev"]
+                                     for v in pf["vfs"].values())
     sc = parse_scenario(STORAGE)
     assert st["modules"]["mlx5_core"]["srcversion"] == sc.installed_srcversion("mlx5_core")
     assert st["blacklist_files"] == [] and not st["markers"][MARKER]

@@ -16,7 +16,7 @@ from mofed_lifecycle.lifecycle.machine import (
     next_state,
 )
 
-HAPPY_RELOAD = [State.LOCK, State.INSPECT, State.DECIDE, State.SNAPSHOT, State.PREFLIGHT,
+HAPPY_RELOAD = [State.LOCK, State.INSPECT, State.DECIDE, State.PREFLIGHT, State.SNAPSHOT,
                 State.BLACKLIST, State.UNLOAD_AUX, State.RELOAD, State.RELOAD_AUX,
                 State.UNBLACKLIST, State.RESTORE, State.MOUNT_HEADERS, State.READY, State.SERVE]
 
@@ -46,18 +46,22 @@ def test_no_reload_goes_from_decide_straight_to_restore_and_ready():
     assert not set(path) & CRITICAL
 
 
-def test_a_refusal_touches_nothing_and_rechecks():
-    path = walk([Outcome.OK, Outcome.OK, Outcome.RELOAD, Outcome.OK, Outcome.REFUSED,
-                 Outcome.RETRY])
-    assert path[-2:] == [State.REFUSED, State.INSPECT]
-    assert not set(path) & CRITICAL
+def test_a_refusal_touches_nothing_keeps_no_snapshot_and_rechecks():
+    path = walk([Outcome.OK, Outcome.OK, Outcome.RELOAD, Outcome.REFUSED, Outcome.RETRY])
+    assert path[-3:] == [State.PREFLIGHT, State.REFUSED, State.INSPECT]
+    assert not set(path) & (CRITICAL | {State.SNAPSHOT})
 
 
-@pytest.mark.parametrize("failing", sorted(CRITICAL))
-def test_a_failure_inside_the_critical_section_still_removes_the_blacklist(failing):
-    state = failing
-    assert next_state(state, Outcome.FAILED) is State.UNBLACKLIST
-    assert next_state(state, Outcome.FAILED, stop_requested=True) is State.UNBLACKLIST
+@pytest.mark.parametrize("failing", sorted(CRITICAL - {State.UNBLACKLIST}))
+def test_a_failure_inside_the_swap_loads_back_what_was_unloaded_then_removes_the_blacklist(
+        failing):
+    for stop in (False, True):
+        state, seen = failing, []
+        while state is not State.UNBLACKLIST:
+            state = next_state(state, Outcome.FAILED, stop_requested=stop)
+            seen.append(state)
+        if failing in (State.UNLOAD_AUX, State.RELOAD):
+            assert seen == [State.RELOAD_AUX, State.UNBLACKLIST]
 
 
 def test_a_stop_during_the_swap_waits_for_the_blacklist_to_go():
@@ -66,8 +70,9 @@ def test_a_stop_during_the_swap_waits_for_the_blacklist_to_go():
     while state not in (State.STOPPING, State.STOPPED):
         state = next_state(state, Outcome.OK, stop_requested=True)
         seen.append(state)
+    # ...and for the VFs to be back: restore is entered whatever was requested
     assert seen == [State.UNLOAD_AUX, State.RELOAD, State.RELOAD_AUX, State.UNBLACKLIST,
-                    State.STOPPING]
+                    State.RESTORE, State.STOPPING]
 
 
 def test_outside_the_swap_a_stop_is_honoured_at_the_next_boundary():
@@ -104,4 +109,7 @@ def test_random_walks_never_leave_the_blacklist_behind(outcomes, stop_at):
             # the blacklist is removed before anything but the swap itself happens
             if rest:
                 end = next((j for j, s in enumerate(rest) if s not in CRITICAL), None)
-                assert end is None or rest[end] is State.UNBLACKLIST, path
+                assert end is None or rest[end - 1] is State.UNBLACKLIST, path
+                swap = rest[:end] if end is not None else rest
+                if State.UNLOAD_AUX in swap and State.UNBLACKLIST in swap:
+                    assert State.RELOAD_AUX in swap, path  # nothing left unloaded

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from ..lifecycle.preflight import ModuleFacts
 from ..log import get_logger
 from .commands import CommandResult, run_command
 from .paths import NodePaths
+
+MODINFO_WORKERS = 4  # modinfo runs at once when the whole stack is compared
 
 NOT_LOADED_MARK = "is not in kernel"  # kmod's `modprobe -r` of a module that is not loaded
 RMMOD_NOT_LOADED_MARK = "is not currently loaded"  # kmod's `rmmod` of one that is not loaded
@@ -96,13 +99,17 @@ def _run(argv: list[str], env: Mapping[str, str], timeout_s: float, what: str) -
 
 def installed_srcversions(modules: Iterable[str], env: Mapping[str, str],
                           timeout_s: float) -> dict[str, str | None]:
-    """`modinfo -F srcversion <m>` per module; None on empty output or a non-zero exit."""
-    out: dict[str, str | None] = {}
-    for m in modules:
+    """`modinfo -F srcversion <m>` per module (a few at once); None on empty output or a non-zero
+    exit (not installed, or an unversioned build)."""
+    names = list(dict.fromkeys(modules))
+
+    def one(m: str) -> str | None:
         r = _run(["modinfo", "-F", "srcversion", m], env, timeout_s, f"srcversion of {m}")
         lines = r.stdout.strip().splitlines() if r.ok else []
-        out[m] = lines[0].strip() if lines and lines[0].strip() else None
-    return out
+        return lines[0].strip() if lines and lines[0].strip() else None
+
+    with ThreadPoolExecutor(max_workers=MODINFO_WORKERS, thread_name_prefix="modinfo") as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
 
 
 def _failed(argv: list[str], r: CommandResult, next_step: str) -> ModuleCommandError:

@@ -13,16 +13,18 @@ from .steps import TOOL_TIMEOUT_S
 def dry_run(node: Node, config: Config) -> tuple[bool, str]:
     """(would proceed, text): what `run` would do now on this node, and why."""
     modules = compared_modules(config)
+    facts = read_module_facts(node.paths)
     decision = decide(loaded_srcversions(node.paths, modules),
-                      installed_srcversions(modules, node.env, TOOL_TIMEOUT_S), modules)
+                      installed_srcversions(modules, node.env, TOOL_TIMEOUT_S), modules,
+                      present=set(facts))
     lines = [f"decision: {decision.explain()}"]
     if not decision.reload:
         lines.append("would not reload: the installed driver is loaded; would set the readiness "
                      f"marker {config.driver_ready_path} and serve")
         return True, "\n".join(lines)
-    pre = plan(read_module_facts(node.paths), config)
+    pre = plan(facts, config)
     if pre.refused:
-        lines.append(f"would refuse the reload: {pre.refused}")
+        lines.append("would refuse the reload: " + "; ".join(pre.refusals or (pre.refused,)))
         lines.append("would change nothing, stay up not ready, and re-check every "
                      f"{config.recheck_interval_s:g}s")
         return False, "\n".join(lines)

@@ -48,12 +48,15 @@ S, Oc = State, Outcome
 TRANSITIONS: dict[State, dict[Outcome, State]] = {
     S.LOCK: {Oc.OK: S.INSPECT, Oc.FAILED: S.STOPPED},
     S.INSPECT: {Oc.OK: S.DECIDE, Oc.FAILED: S.FAILED},
-    S.DECIDE: {Oc.RELOAD: S.SNAPSHOT, Oc.NO_RELOAD: S.RESTORE, Oc.FAILED: S.FAILED},
-    S.SNAPSHOT: {Oc.OK: S.PREFLIGHT, Oc.FAILED: S.FAILED},
-    S.PREFLIGHT: {Oc.OK: S.BLACKLIST, Oc.REFUSED: S.REFUSED, Oc.FAILED: S.FAILED},
+    # preflight before the snapshot: the snapshot is taken at the last moment before the node is
+    # touched, and a refused reload keeps none (settings changed while refused are never reverted)
+    S.DECIDE: {Oc.RELOAD: S.PREFLIGHT, Oc.NO_RELOAD: S.RESTORE, Oc.FAILED: S.FAILED},
+    S.PREFLIGHT: {Oc.OK: S.SNAPSHOT, Oc.REFUSED: S.REFUSED, Oc.FAILED: S.FAILED},
+    S.SNAPSHOT: {Oc.OK: S.BLACKLIST, Oc.FAILED: S.FAILED},
     S.BLACKLIST: {Oc.OK: S.UNLOAD_AUX, Oc.FAILED: S.UNBLACKLIST},
-    S.UNLOAD_AUX: {Oc.OK: S.RELOAD, Oc.FAILED: S.UNBLACKLIST},
-    S.RELOAD: {Oc.OK: S.RELOAD_AUX, Oc.FAILED: S.UNBLACKLIST},
+    # a failed unload or reload still loads back every module unloaded for the swap
+    S.UNLOAD_AUX: {Oc.OK: S.RELOAD, Oc.FAILED: S.RELOAD_AUX},
+    S.RELOAD: {Oc.OK: S.RELOAD_AUX, Oc.FAILED: S.RELOAD_AUX},
     S.RELOAD_AUX: {Oc.OK: S.UNBLACKLIST, Oc.FAILED: S.UNBLACKLIST},
     S.UNBLACKLIST: {Oc.OK: S.RESTORE, Oc.FAILED: S.FAILED},
     S.RESTORE: {Oc.OK: S.MOUNT_HEADERS, Oc.FAILED: S.FAILED},
@@ -66,8 +69,11 @@ TRANSITIONS: dict[State, dict[Outcome, State]] = {
     S.STOPPED: {},
 }
 
-# Between writing the blacklist and removing it the node is mid-swap: a stop waits for its end.
-CRITICAL: frozenset[State] = frozenset({S.BLACKLIST, S.UNLOAD_AUX, S.RELOAD, S.RELOAD_AUX})
+# From writing the blacklist to the end of the VF restore the node is mid-swap: a stop waits for
+# its end, so that a stop never leaves the host blacklist behind, a module unloaded, or the VFs
+# gone (the restore is bounded by VF_RESTORE_TIMEOUT_SEC).
+CRITICAL: frozenset[State] = frozenset({S.BLACKLIST, S.UNLOAD_AUX, S.RELOAD, S.RELOAD_AUX,
+                                        S.UNBLACKLIST})
 # States in which the node's driver may be half-swapped if the process died there.
 SWAP_STATES: frozenset[State] = CRITICAL | {S.UNBLACKLIST}
 
@@ -79,8 +85,9 @@ class TransitionError(RuntimeError):
 def next_state(state: State, outcome: Outcome, *, stop_requested: bool = False) -> State:
     """Where the lifecycle goes from `state` after `outcome` (a stop waits out the swap).
 
-    A failure inside the critical section still passes through `unblacklist`; a stop requested there
-    is honoured once the blacklist is gone."""
+    A failure inside the critical section still passes through `reload-aux` and `unblacklist`; a
+    stop requested there is honoured once the VFs are restored (`restore` is entered from
+    `unblacklist` whatever was requested, and stops only when it ends)."""
     if state in (S.STOPPING, S.STOPPED):
         return TRANSITIONS[state].get(outcome, S.STOPPED)
     if outcome is Oc.STOP or (stop_requested and state not in CRITICAL):

@@ -96,11 +96,15 @@ class Runner(Steps):
             self.log.info("journal.resumed", previous_state=str(prev),
                           died_mid_swap=self.journal.previous_died_mid_swap(),
                           reloaded_by_us=bool(self.journal.facts.get("reloaded_by_us")))
-        self.clear_marker("starting")
+        # The marker stays while nothing says the driver changed: a restart with nothing to reload
+        # must not make a watching peermem loader unload nvidia_peermem. It goes as soon as a
+        # reload is decided (decide), a step fails or a reload is refused, and on stop.
+        if self.journal.previous_died_mid_swap():
+            self.clear_marker("the previous run died mid-swap")
         if remove_file(self.blacklist_path):
             self.log.warning("blacklist.stale_removed", path=str(self.blacklist_path),
                              why="a previous run died holding it")
-        self.journal.set(blacklist_written=False, last_error=None)
+        self.journal.set(blacklist_written=False, last_error=None, reloaded_this_run=False)
 
     def _run_locked(self) -> int:
         state = State.LOCK
@@ -131,6 +135,7 @@ class Runner(Steps):
         if state is State.SERVE:
             return self.serve()
         if state in (State.REFUSED, State.FAILED):
+            self.clear_marker(f"{state}: not ready")
             return self.wait_to_retry(state)
         if state is State.STOPPING:
             self.clear_marker("stopping")
@@ -144,10 +149,22 @@ class Runner(Steps):
             self.swap_failed = self.swap_failed or state in CRITICAL
             retry = ("--once: exiting 1" if self.once else
                      f"retrying from inspect in {self.config.recheck_interval_s:g}s")
+            left = self.node_left(state)
             self.log.error("step.failed", state=str(state), error=str(e),
-                           next=f"the node was left consistent (no blacklist); {retry}; fix the "
-                                "cause named in `error` (see the command output logged above)")
+                           next=f"{left}; {retry}; fix the cause named in `error` (see the "
+                                "command output logged above)")
             return Outcome.FAILED
+
+    def node_left(self, state: State) -> str:
+        """What a failure in `state` leaves on the node, said truthfully."""
+        if state in CRITICAL:  # the swap goes on: modules loaded back, then the blacklist removed
+            return "the swap is being unwound (modules unloaded for it are loaded back, then " \
+                   "the blacklist is removed)"
+        missing = list(self.journal.facts.get("not_reloaded") or [])
+        if missing:
+            return ("the node is NOT consistent: these modules unloaded for the swap could not "
+                    f"be loaded back: {', '.join(missing)} (load them by hand: modprobe NAME)")
+        return "the node was left consistent (no blacklist, no module left unloaded)"
 
     def serve(self) -> Outcome | None:
         if self.once:

@@ -8,6 +8,7 @@ logged) through `host/`.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +25,11 @@ from ..host.modules import (
     read_module_facts,
 )
 from ..peermem.presence import wait_for_peermem_unload
+from ..sriov.model import merge_pending, without_vfs
 from ..sriov.restore import restore
 from ..sriov.snapshot import load_snapshot, save_snapshot, take_snapshot
-from .decide import compared_modules, decide
-from .machine import Outcome
+from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
+from .machine import Outcome, State
 from .preflight import plan
 
 if TYPE_CHECKING:
@@ -59,29 +61,36 @@ class Steps:
         self.facts = read_module_facts(self.node.paths)
         self.loaded = loaded_srcversions(self.node.paths, modules)
         self.installed = installed_srcversions(modules, self.node.env, TOOL_TIMEOUT_S)
-        if not any(self.installed.values()):
+        if not any(self.installed.get(m) for m in CORE):
             raise StepFailed("modinfo finds none of the installed driver's modules "
-                             f"({', '.join(modules)}): is the driver installed in this container "
+                             f"({', '.join(CORE)}): is the driver installed in this container "
                              "and /lib/modules mounted?")
         return Outcome.OK
 
     def step_decide(self: Runner) -> Outcome:
-        self.decision = decide(self.loaded, self.installed, compared_modules(self.config))
+        self.decision = decide(self.loaded, self.installed, compared_modules(self.config),
+                               present=set(self.facts))
         self.log.info("decision", reload=self.decision.reload, why=self.decision.explain())
         self.journal.set(decision=self.decision.to_json(), decision_text=self.decision.explain())
+        if self.decision.reload:  # not ready from here on; a watching peermem loader steps aside
+            self.clear_marker("a reload is needed")
         return Outcome.RELOAD if self.decision.reload else Outcome.NO_RELOAD
 
     def step_snapshot(self: Runner) -> Outcome:
+        snap = take_snapshot(self.node.paths, self.node.netlink)
         pending = self.journal.facts.get("restore_pending")
         kept = load_snapshot(self.journal.dir) if pending else None
-        if kept is not None:  # never replace the original with a post-failure state
-            self.log.warning("snapshot.kept", vfs=kept.vf_count, taken_at=kept.taken_at,
-                             why="a restore from it has not completed yet")
-            return Outcome.OK
-        snap = take_snapshot(self.node.paths, self.node.netlink)
+        if kept is not None:  # VFs a previous restore did not bring back keep their saved state
+            done = set(self.journal.facts.get("restored_vfs") or [])
+            snap, carried = merge_pending(snap, kept, done)
+            self.log.warning("snapshot.merged", carried=carried, taken_at=kept.taken_at,
+                             why="a restore from the previous snapshot had not completed: its "
+                                 "unrestored VFs keep their saved settings, the others are "
+                                 "taken as they are now")
         path = save_snapshot(self.journal.dir, snap)
-        self.journal.set(restore_pending=True, snapshot={"pfs": len(snap.pfs),
-                                                         "vfs": snap.vf_count})
+        self.journal.set(restore_pending=True, restored_vfs=[],
+                         snapshot={"pfs": len(snap.pfs), "vfs": snap.vf_count,
+                                   "taken_at": snap.taken_at})
         self.log.info("snapshot.saved", path=str(path), pfs=len(snap.pfs), vfs=snap.vf_count,
                       per_pf={p.pci: p.numvfs for p in snap.pfs})
         return Outcome.OK
@@ -94,8 +103,9 @@ class Steps:
         self.preflight = plan(self.facts, self.config)
         self.journal.set(preflight=self.preflight.to_json())
         if self.preflight.refused:
-            self.journal.set(reason=self.preflight.refused)
-            self.log.error("reload.refused", reason=self.preflight.refused,
+            reason = "; ".join(self.preflight.refusals) or self.preflight.refused
+            self.journal.set(reason=reason)
+            self.log.error("reload.refused", reason=reason, refusals=len(self.preflight.refusals),
                            recheck_in_s=self.config.recheck_interval_s,
                            next="the node is untouched; fix the reason and the daemon proceeds at "
                                 "its next re-check")
@@ -113,12 +123,15 @@ class Steps:
         return Outcome.OK
 
     def step_unload_aux(self: Runner) -> Outcome:
+        assert self.preflight is not None
+        # written before the first unload: whatever happens next, these are loaded back
+        self.journal.set(unloaded_for_swap=list(self.preflight.reload_after), not_reloaded=[])
         if self.preflight.unload:
             modprobe_remove(self.preflight.unload, self.node.env, TOOL_TIMEOUT_S)
         return Outcome.OK
 
     def step_reload(self: Runner) -> Outcome:
-        self.journal.set(reloaded_by_us=True)
+        self.journal.set(reloaded_by_us=True, reloaded_this_run=True)
         openibd = str(self.node.paths.resolve("/etc/init.d/openibd"))
         attempts = self.config.openibd_attempts
         try:
@@ -141,15 +154,21 @@ class Steps:
         return Outcome.OK
 
     def step_reload_aux(self: Runner) -> Outcome:
-        names = list(self.preflight.reload_after) if self.preflight else []
+        """Load back every module unloaded for the swap, on success and on failure alike, plus
+        the NFS/NVMe RDMA ULPs with ENABLE_NFSRDMA; name whatever could not be loaded."""
+        names = list(self.journal.facts.get("unloaded_for_swap") or [])
         if self.config.enable_nfsrdma:
-            names.append("rpcrdma")
-        for name in names:
+            to_load = self.decision.to_load if self.decision else ()
+            names += [m for m in (*NFSRDMA_COMPARED, *to_load) if m in NFSRDMA_COMPARED]
+        failed: list[str] = []
+        for name in dict.fromkeys(names):
             try:
                 modprobe([name], self.node.env, TOOL_TIMEOUT_S)
-            except ModuleCommandError as e:  # the NIC driver is fine; say what is missing
-                self.log.warning("module.reload_failed", module=name, error=str(e),
-                                 next=f"load it by hand: modprobe {name}")
+            except ModuleCommandError as e:  # the NIC driver may be fine; say what is missing
+                failed.append(name)
+                self.log.error("module.reload_failed", module=name, error=str(e),
+                               next=f"load it by hand: modprobe {name}")
+        self.journal.set(not_reloaded=failed, unloaded_for_swap=[])
         return Outcome.OK
 
     def step_unblacklist(self: Runner) -> Outcome:
@@ -158,6 +177,8 @@ class Steps:
         self.journal.set(blacklist_written=False)
         if self.swap_failed:  # the blacklist is gone; the reload itself did not succeed
             self.swap_failed = False
+            self.log.error("swap.unwound", node=self.node_left(State.FAILED),
+                           not_reloaded=list(self.journal.facts.get("not_reloaded") or []))
             return Outcome.FAILED
         return Outcome.OK
 
@@ -167,16 +188,21 @@ class Steps:
         if snap is None:
             self.log.info("restore.skipped", why="no restore pending: no VF is touched")
             return Outcome.OK
-        self.log.info("restore.started", pfs=len(snap.pfs), vfs=snap.vf_count,
-                      deadline_s=self.config.vf_restore_timeout_s,
-                      workers=self.config.vf_restore_workers)
-        result = restore(self.node, snap, deadline_s=self.config.vf_restore_timeout_s,
-                         workers=self.config.vf_restore_workers, stop=self.stop, log=self.log)
+        done = set(self.journal.facts.get("restored_vfs") or [])
+        todo = without_vfs(snap, done)  # never overwrite a VF a previous restore brought back
+        self.log.info("restore.started", pfs=len(todo.pfs), vfs=todo.vf_count,
+                      already_restored=len(done), deadline_s=self.config.vf_restore_timeout_s,
+                      workers=self.config.vf_restore_workers,
+                      stop_requested=self.stop.is_set())
+        # part of the critical section: a stop waits for it (bounded by its deadline), so a stop
+        # never leaves the node without its VFs
+        result = restore(self.node, todo, deadline_s=self.config.vf_restore_timeout_s,
+                         workers=self.config.vf_restore_workers, stop=threading.Event(),
+                         log=self.log)
         summary = result.to_json()
-        self.journal.set(restore=summary, restore_pending=bool(result.failed) or self.stop.is_set())
-        if self.stop.is_set():
-            raise StepFailed("stopped during the VF restore; the next start resumes it from the "
-                             "saved snapshot")
+        done |= set(result.restored)
+        self.journal.set(restore=summary, restore_pending=bool(result.failed),
+                         restored_vfs=sorted(done), restore_vfs_total=snap.vf_count)
         if result.failed:
             for pci, why in sorted(result.failed.items()):
                 self.log.error("restore.vf_not_restored", vf=pci, why=why)
@@ -187,9 +213,9 @@ class Steps:
                 raise StepFailed(msg + "; READY_ON_PARTIAL_RESTORE=false keeps the node not ready")
             self.log.warning("restore.partial", restored=len(result.restored),
                              failed=sorted(result.failed),
-                             next="the node is marked ready (READY_ON_PARTIAL_RESTORE=true); the "
-                                  "missing VFs are retried from the original snapshot at the next "
-                                  "start")
+                             next="the node is marked ready (READY_ON_PARTIAL_RESTORE=true); only "
+                                  "the missing VFs are retried from the saved snapshot at the "
+                                  "next start; VFs already restored are never touched again")
         else:
             self.log.info("restore.done", restored=len(result.restored),
                           duration_s=round(result.duration_s, 4), strategy=result.strategy)
@@ -213,20 +239,22 @@ class Steps:
 
     def step_ready(self: Runner) -> Outcome:
         modules = compared_modules(self.config)
-        now = loaded_srcversions(self.node.paths, modules)
-        wrong = [m for m in modules if now.get(m) != self.installed.get(m)]
-        if wrong:
-            raise StepFailed("after the reload the loaded driver is still not the installed one: "
-                             + ", ".join(f"{m} {now.get(m) or 'not loaded'} ≠ "
-                                         f"{self.installed.get(m)}" for m in wrong))
+        now = decide(loaded_srcversions(self.node.paths, modules), self.installed, modules,
+                     present=set(read_module_facts(self.node.paths)))
+        if now.reload:
+            raise StepFailed("the loaded driver is not the installed one: " + now.explain())
         marker: dict[str, Any] = {
             "driver_version": self.config.driver_version,
-            "srcversions": {m: now[m] for m in modules},
-            "reloaded": bool(self.journal.facts.get("reloaded_by_us")),
+            "srcversions": now.loaded_srcversions,
+            "reloaded": bool(self.journal.facts.get("reloaded_this_run")),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "pid": self.pid,
         }
-        atomic_write_text(self.marker_path, json.dumps(marker) + "\n")
+        if now.to_load:
+            self.log.warning("modules.not_loaded", modules=list(now.to_load),
+                             why="installed but not loaded; not a reason to reload",
+                             next="load them by hand (modprobe NAME) if this node needs them")
+        atomic_write_text(self.marker_path, json.dumps(marker) + "\n")  # replaced, never absent
         self.log.info("marker.set", path=str(self.marker_path), **marker)
         return Outcome.OK
 

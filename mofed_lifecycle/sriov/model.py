@@ -7,7 +7,7 @@ with what the node has now.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..host.netlink_types import ZERO_GUID, ZERO_MAC, VfSettings
@@ -96,3 +96,35 @@ def assigned_mac(mac: str | None) -> str | None:
 def assigned_guid(guid: str | None) -> str | None:
     """A GUID worth restoring: None for an all-zero one ("never assigned": leave it alone)."""
     return None if not guid or guid == ZERO_GUID else guid.lower()
+
+
+def without_vfs(snapshot: Snapshot, done: set[str]) -> Snapshot:
+    """The snapshot less the VFs in `done` (PCI addresses a restore already brought back): a
+    resumed restore replays settings only onto the VFs that are still missing."""
+    if not done:
+        return snapshot
+    pfs = tuple(replace(p, vfs=tuple(v for v in p.vfs if v.pci not in done)) for p in snapshot.pfs)
+    return replace(snapshot, pfs=pfs)
+
+
+def merge_pending(fresh: Snapshot, kept: Snapshot, done: set[str]) -> tuple[Snapshot, int]:
+    """A snapshot for a new reload while a restore from `kept` had not finished: VFs as they are now
+    (`fresh`), except those `kept` still owes (not in `done`), which keep their saved state; a PF
+    whose VFs are all gone now keeps its saved entry whole. Returns (merged, VFs carried over)."""
+    old = {p.pci: p for p in kept.pfs}
+    carried = 0
+    pfs: list[PfSnapshot] = []
+    for p in fresh.pfs:
+        k = old.get(p.pci)
+        owed = [v for v in k.vfs if v.pci not in done] if k else []
+        if k is None or not owed:
+            pfs.append(p)
+        elif p.numvfs == 0:
+            carried += len(owed)
+            pfs.append(k)  # the reload to come destroys them all: every saved VF is owed
+        else:
+            by_index = {v.index: v for v in owed}
+            vfs = tuple(by_index.get(v.index, v) for v in p.vfs)
+            carried += sum(1 for v in p.vfs if v.index in by_index)
+            pfs.append(replace(p, vfs=vfs))
+    return replace(fresh, pfs=tuple(pfs)), carried
