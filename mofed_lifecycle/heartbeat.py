@@ -50,14 +50,15 @@ def state_budget_s(state: str | None, config: Config) -> float | None:
 def stop_budget_s(config: Config) -> float:
     """Worst case from SIGTERM to exit: SIGTERM lands as the reload starts, the swap is finished
     (every openibd attempt to its timeout, the aux modules loaded again, the blacklist removed),
-    then the stop (mlnxofedctl with RESTORE_DRIVER_ON_POD_TERMINATION). Size
+    the VFs are restored (up to VF_RESTORE_TIMEOUT_SEC: a stop never leaves the node without
+    them), then the stop (mlnxofedctl with RESTORE_DRIVER_ON_POD_TERMINATION). Size
     terminationGracePeriodSeconds and TimeoutStopSec= to at least this; a stop outside the swap
     takes well under a second, and kubelet/systemd only wait as long as the process runs."""
     attempts = config.openibd_attempts
     swap = config.openibd_timeout_s * attempts + (attempts - 1) * 1.0
     aux = TOOL_TIMEOUT_S * (len(config.mlx5_auxiliary_modules) + 1)
     inbox = config.openibd_timeout_s if config.restore_driver_on_termination else 0.0
-    return swap + aux + inbox + 30.0
+    return swap + aux + config.vf_restore_timeout_s + inbox + 30.0
 
 
 def read_heartbeat(directory: Path) -> dict[str, Any] | None:

@@ -62,7 +62,8 @@ def openibd_restart(root: Path) -> subprocess.CompletedProcess:
 def reading(root: Path, modules: tuple[str, ...]):
     paths = NodePaths.at(root)
     return decide(loaded_srcversions(paths, modules),
-                  installed_srcversions(modules, env_for(root), T), modules)
+                  installed_srcversions(modules, env_for(root), T), modules,
+                  present=set(read_module_facts(paths)))
 
 
 # ---- reading the node --------------------------------------------------------------------------
@@ -105,7 +106,10 @@ def test_tiny_eth_needs_a_reload_from_24_04_to_25_07_and_says_so(tiny):
     root, _k = tiny
     sc = load_scenario(SCENARIOS / "tiny-eth.toml")
     d = reading(root, compared_modules(CFG))
-    assert d.reload and len(d.differences) == 3
+    # every loaded module of the old stack differs, not only the core
+    assert d.reload
+    assert {"mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs", "rdma_ucm"} <= {
+        c.module for c in d.differences}
     core = d.comparisons[0]
     assert (core.loaded, core.installed) == (sc.host_srcversion("mlx5_core"),
                                              sc.installed_srcversion("mlx5_core"))
@@ -123,7 +127,9 @@ def test_srcversions_of_modules_nobody_has_are_none(tiny):
     assert installed_srcversions(["no_such_mod"], env_for(root), T) == {"no_such_mod": None}
     d = reading(root, compared_modules(load_config({"ENABLE_NFSRDMA": "true"},
                                                    require_driver_version=False)))
-    assert "nvme_rdma neither loaded nor installed" in d.explain()
+    nvme = next(c for c in d.comparisons if c.module == "nvme_rdma")
+    assert (nvme.present, nvme.installed, nvme.differs) == (False, None, False)
+    assert "nvme_rdma" in d.absent and "nvme_rdma" not in d.explain()  # absent: no difference
 
 
 # ---- the plan against the node -------------------------------------------------------------------

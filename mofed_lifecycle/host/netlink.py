@@ -28,7 +28,15 @@ from typing import Any, Literal
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
-from .netlink_types import LinkChange, LinkInfo, LinkState, NetlinkError, VfChange, VfSettings
+from .netlink_types import (
+    LinkChange,
+    LinkInfo,
+    LinkState,
+    NetlinkError,
+    VfChange,
+    VfSettings,
+    vf_infos,
+)
 
 ByteOrder = Literal["little", "big"]
 RTEXT_FILTER_VF = 1
@@ -252,7 +260,7 @@ class PyrouteNetlink:
             paired = (change.vlan, change.qos), (change.min_tx_rate, change.max_tx_rate)
             halves = any((a is None) != (b is None) for a, b in paired)
             current = next((s for s in vfs_of(msg) if s.index == vf), None) if halves else None
-            request = vf_request(vf, change, current)
+            request = [vf_request(vf, part, current) for part in vf_infos(change)]
             self._ipr.link("set", index=msg["index"], vf=copy.deepcopy(request))
 
     def set_vfs(self, pf: str, changes: Mapping[int, VfChange]) -> None:
@@ -262,7 +270,8 @@ class PyrouteNetlink:
         msg = self._require(pf)
         with _translated(f"set {len(changes)} VFs ({', '.join(map(str, changes))}) on {pf}"):
             current = {s.index: s for s in vfs_of(msg)}
-            request = [vf_request(vf, c, current.get(vf)) for vf, c in sorted(changes.items())]
+            request = [vf_request(vf, part, current.get(vf)) for vf, c in sorted(changes.items())
+                       for part in vf_infos(c)]
             self._ipr.link("set", index=msg["index"], vf=copy.deepcopy(request))
 
     def set_link(self, name: str, change: LinkChange) -> None:

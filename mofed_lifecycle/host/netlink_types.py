@@ -9,7 +9,7 @@ a VF by (PF ifname, VF index).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 LinkState = Literal["auto", "enable", "disable"]
@@ -72,6 +72,16 @@ class VfChange:
 
     def is_empty(self) -> bool:
         return all(getattr(self, f) is None for f in self.__dataclass_fields__)
+
+
+def vf_infos(change: VfChange) -> list[VfChange]:
+    """The `IFLA_VF_INFO`s that carry `change`: the kernel applies `IFLA_VF_IB_NODE_GUID` and
+    returns, silently ignoring a port GUID in the same VF-info (seen on Linux 6.1), so a port GUID
+    always travels in a VF-info of its own."""
+    if change.port_guid is None or change.is_empty():
+        return [change] if not change.is_empty() else []
+    rest = replace(change, port_guid=None)
+    return [*([rest] if not rest.is_empty() else []), VfChange(port_guid=change.port_guid)]
 
 
 @dataclass(frozen=True)

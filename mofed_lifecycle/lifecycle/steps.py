@@ -74,7 +74,12 @@ class Steps:
         self.journal.set(decision=self.decision.to_json(), decision_text=self.decision.explain())
         if self.decision.reload:  # not ready from here on; a watching peermem loader steps aside
             self.clear_marker("a reload is needed")
-        return Outcome.RELOAD if self.decision.reload else Outcome.NO_RELOAD
+            return Outcome.RELOAD
+        if self.journal.facts.get("unloaded_for_swap"):  # a predecessor died after unloading
+            self.log.warning("modules.owed", modules=self.journal.facts["unloaded_for_swap"],
+                             why="a previous run was killed after unloading them for its swap")
+            self.step_reload_aux()
+        return Outcome.NO_RELOAD
 
     def step_snapshot(self: Runner) -> Outcome:
         snap = take_snapshot(self.node.paths, self.node.netlink)
@@ -124,8 +129,11 @@ class Steps:
 
     def step_unload_aux(self: Runner) -> Outcome:
         assert self.preflight is not None
-        # written before the first unload: whatever happens next, these are loaded back
-        self.journal.set(unloaded_for_swap=list(self.preflight.reload_after), not_reloaded=[])
+        # written before the first unload: whatever happens next (even SIGKILL: a killed
+        # predecessor's list is kept), these are loaded back
+        owed = list(self.journal.facts.get("unloaded_for_swap") or [])
+        self.journal.set(unloaded_for_swap=list(dict.fromkeys([*self.preflight.reload_after,
+                                                               *owed])), not_reloaded=[])
         if self.preflight.unload:
             modprobe_remove(self.preflight.unload, self.node.env, TOOL_TIMEOUT_S)
         return Outcome.OK

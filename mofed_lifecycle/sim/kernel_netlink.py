@@ -88,6 +88,8 @@ class NetlinkMixin:
             raise KernelError(errno.EINVAL, f"{pf_name} has no VF {vf} (numvfs = {len(pf.vfs)})")
         ib = pf.link == "ib"
         new = dict(pf.vfs[vf].admin)
+        if change.get("node_guid") is not None:  # the kernel sets the node GUID and returns:
+            change = {k: v for k, v in change.items() if k != "port_guid"}  # port GUID ignored
         for key, value in change.items():
             if value is None:
                 continue

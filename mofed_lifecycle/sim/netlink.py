@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict
 
-from ..host.netlink_types import LinkChange, LinkInfo, NetlinkError, VfChange, VfSettings
+from ..host.netlink_types import (
+    LinkChange,
+    LinkInfo,
+    NetlinkError,
+    VfChange,
+    VfSettings,
+    vf_infos,
+)
 from .client import KernelClient, PerThreadClient, SimKernelError
 
 
@@ -32,13 +39,14 @@ class SimNetlink:
         return [VfSettings(**d) for d in self._call(f"list VFs of {pf}", "nl_vfs", pf=pf)]
 
     def set_vf(self, pf: str, vf: int, change: VfChange) -> None:
-        fields = {k: v for k, v in asdict(change).items() if v is not None}
-        self._call(f"set VF {vf} of {pf} {fields}", "nl_set_vf", pf=pf, vf=vf, change=fields)
+        self.set_vfs(pf, {vf: change}, what=f"set VF {vf} of {pf} "
+                     f"{ {k: v for k, v in asdict(change).items() if v is not None} }")
 
-    def set_vfs(self, pf: str, changes: Mapping[int, VfChange]) -> None:
-        batch = {str(vf): {k: v for k, v in asdict(c).items() if v is not None}
-                 for vf, c in changes.items()}
-        self._call(f"set {len(batch)} VFs of {pf}", "nl_set_vfs", pf=pf, changes=batch)
+    def set_vfs(self, pf: str, changes: Mapping[int, VfChange], what: str = "") -> None:
+        # one entry per IFLA_VF_INFO, as the kernel receives them (the port GUID in its own)
+        infos = [[vf, {k: v for k, v in asdict(part).items() if v is not None}]
+                 for vf, c in sorted(changes.items()) for part in vf_infos(c)]
+        self._call(what or f"set {len(changes)} VFs of {pf}", "nl_set_vfs", pf=pf, infos=infos)
 
     def set_link(self, name: str, change: LinkChange) -> None:
         fields = {k: v for k, v in asdict(change).items() if v is not None and k != "extra"}

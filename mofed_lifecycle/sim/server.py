@@ -83,8 +83,9 @@ class KernelServer:
             "nl_links": k.nl_links,
             "nl_vfs": lambda: k.nl_vfs(args["pf"]),
             "nl_set_vf": lambda: k.nl_set_vf(args["pf"], args["vf"], args["change"]),
+            # a list of IFLA_VF_INFOs, applied in order: the first refused one stops the rest
             "nl_set_vfs": lambda: [k.nl_set_vf(args["pf"], int(vf), change)
-                                   for vf, change in args["changes"].items()],
+                                   for vf, change in args["infos"]],
             "nl_set_link": lambda: k.nl_set_link(args["name"], args["change"]),
             "modprobe": lambda: [x for n in args["names"] for x in
                                  k.load_module(n, use_blacklist=args.get("blacklist", False))],
