@@ -101,8 +101,10 @@ def gather(root: Path, config: Config, *, now: float | None = None) -> dict[str,
     marker, marker_error = read_marker(marker_path)
     beat = read_heartbeat(jdir)
     restore = facts.get("restore") if isinstance(facts.get("restore"), dict) else None
+    lock = lock_holder(paths.resolve(config.lock_file_path))
     return {
         "state": journal.get("state"),
+        "running": lock["running"],
         "since": journal.get("since"),
         "in_state_s": round(now - journal["since"], 3) if journal.get("since") else None,
         "pid": journal.get("pid"),
@@ -117,7 +119,7 @@ def gather(root: Path, config: Config, *, now: float | None = None) -> dict[str,
                 "failed": sorted(restore.get("failed") or {}) if restore else [],
                 "strategy": restore.get("strategy") if restore else None,
                 "restore_pending": bool(facts.get("restore_pending"))},
-        "lock": lock_holder(paths.resolve(config.lock_file_path)),
+        "lock": lock,
         "heartbeat": {"age_s": round(now - beat["at"], 3), "running": beat.get("running"),
                       "overdue": beat.get("overdue")} if beat and "at" in beat else None,
         "reason": facts.get("reason"),
@@ -149,8 +151,10 @@ def format_status(st: dict[str, Any]) -> str:
     if st["state"] is None:
         lines.append(f"state        never ran here (no journal in {st['journal_dir']})")
     else:
+        exited = "" if st.get("running") or st["state"] == "stopped" else (
+            " — the daemon is not running (it exited here: `run --once`, or killed)")
         lines.append(f"state        {st['state']} since {utc(st['since'])} "
-                     f"({ago(st['in_state_s'])} ago), daemon PID {st['pid']}")
+                     f"({ago(st['in_state_s'])} ago), daemon PID {st['pid']}{exited}")
     t = st["last_transition"]
     if t and t["from"]:
         lines.append(f"transition   {t['from']} -> {t['to']} at {utc(t['at'])} "

@@ -269,3 +269,34 @@ def test_an_ib_restore_brings_back_distinct_node_and_port_guids_on_every_vf(make
         assert v["node_guid"] != v["port_guid"]
         for key in ("node_guid", "port_guid", "netdev_node_guid", "netdev_port_guid"):
             assert after[i][key] == v[key], (i, key)
+
+
+@pytest.mark.parametrize("bad, key", [
+    (("late_vfs = { 2 = 3000.0 }", "late_vf = { 2 = 3000.0 }"), "late_vf"),
+    (("openibd_restart_s = 20", "openibd_restart_sec = 20"), "openibd_restart_sec"),
+    (('vf_name = "enp8s0f0v{vf}"', 'vf_name = "enp8s0f0v{vf}"\nrole = "uplink"'), "role"),
+])
+def test_a_misspelled_scenario_key_is_refused_by_name(tmp_path, bad, key):
+    path = tmp_path / "bad.toml"
+    path.write_text((PARTIAL % "").replace(*bad))
+    r = subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", "sim", "init", str(path),
+                        "--root", str(tmp_path / "root")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert f"unknown key {key!r}" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_status_after_a_once_exit_does_not_claim_a_running_daemon(make_node):
+    root, _k = make_node(MATCHING, "once-status")
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**os.environ, "NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7"}
+    out = subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", "status", "--root",
+                          str(root)], env=env, capture_output=True, text=True, timeout=60)
+    state_line = next(x for x in out.stdout.splitlines() if x.startswith("state"))
+    assert "serve" in state_line and "the daemon is not running" in state_line
+    st = json.loads(subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", "status",
+                                    "--root", str(root), "--json"], env=env,
+                                   capture_output=True, text=True, timeout=60).stdout)
+    assert st["running"] is False and st["vfs"]["restored"] is None  # nothing restored this run

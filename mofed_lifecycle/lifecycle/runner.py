@@ -104,7 +104,9 @@ class Runner(Steps):
         if remove_file(self.blacklist_path):
             self.log.warning("blacklist.stale_removed", path=str(self.blacklist_path),
                              why="a previous run died holding it")
-        self.journal.set(blacklist_written=False, last_error=None, reloaded_this_run=False)
+        # `restore` is this run's summary (status shows this run's VF counts, not a past run's)
+        self.journal.set(blacklist_written=False, last_error=None, reloaded_this_run=False,
+                         restore=None)
 
     def _run_locked(self) -> int:
         state = State.LOCK

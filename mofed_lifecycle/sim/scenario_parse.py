@@ -57,6 +57,35 @@ class _Reader:
         return v
 
 
+# Every key the contract defines, per table: anything else is a misspelling, refused by name.
+# ([host], [build], [udev] probe_parallel/blacklist_lag_s and [[pf]] fw are the contract's
+# version-2 additions, accepted here so that scenarios written to it load.)
+KNOWN_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"node", "driver", "env", "udev", "pf", "gpu", "host", "build"}),
+    "node": frozenset({"name", "kernel", "time_scale", "seed"}),
+    "driver": frozenset({"loaded_version", "loaded", "installed_version", "installed",
+                         "openibd_restart_s", "openibd_failures", "extra_modules",
+                         "aux_loaded"}),
+    "udev": frozenset({"netdev_delay_s", "rename", "rename_delay_s", "late_vfs",
+                       "probe_parallel", "blacklist_lag_s"}),
+    "gpu": frozenset({"peermem_start_s", "peermem_ko", "peermem_loaded", "peermem_users"}),
+    "pf": frozenset({"pci", "name", "link", "mtu", "up", "eswitch", "numvfs", "totalvfs",
+                     "vf_name", "rep_name", "vf", "fw"}),
+    "extra_modules": frozenset({"name", "holds"}),
+}
+
+
+def check_known_keys(where: str, table: str, raw: Any) -> None:
+    """Refuse a key the contract does not define (exit 2 at the CLI), naming it and its table."""
+    if not isinstance(raw, dict):
+        return
+    unknown = sorted(set(raw) - KNOWN_KEYS[table])
+    if unknown:
+        label = f"[{table}]" if table else "the top level"
+        raise ScenarioError(f"{where}: unknown key {unknown[0]!r} in {label} (known: "
+                            f"{', '.join(sorted(KNOWN_KEYS[table]))})")
+
+
 def _delay(r: _Reader, key: str, default: float) -> Delay:
     v = r.table.get(key, default)
     if isinstance(v, bool):
@@ -235,6 +264,11 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{where}: not valid TOML: {e}") from None
     top = _Reader(where, data)
+    check_known_keys(where, "", data)
+    for table in ("node", "driver", "udev", "gpu"):
+        check_known_keys(where, table, data.get(table))
+    for i, pf_raw in enumerate(data.get("pf") or [] if isinstance(data.get("pf"), list) else []):
+        check_known_keys(f"{where}: [[pf]] #{i + 1}", "pf", pf_raw)
     node = _Reader(f"{where}: [node]", top.get("node", dict, {}))
     drv = _Reader(f"{where}: [driver]", top.get("driver", dict))
     udev = _Reader(f"{where}: [udev]", top.get("udev", dict, {}))
@@ -242,6 +276,7 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
     extra = []
     for i, em in enumerate(drv.get("extra_modules", list, [])):
         er = _Reader(f"{where}: [driver].extra_modules[{i}]", em)
+        check_known_keys(f"{where}: [driver].extra_modules[{i}]", "extra_modules", em)
         holds = er.get("holds", list, [])
         names = [er.get("name", str, check=lambda v: MODULE_RE.match(v)), *holds]
         if not all(isinstance(h, str) and MODULE_RE.match(h) for h in names):
