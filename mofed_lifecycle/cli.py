@@ -162,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Stop the kernel process of the node at DIR (it also stops "
                                      "by itself when idle).")
     st.add_argument("--root", required=True, type=_root)
+    sv = ssub.add_parser("set-vf", help="change a VF as an administrator would (ip link set)",
+                         description="What `ip link set PF vf N KEY VALUE...` does on the node "
+                                     "at DIR. Keys: mac, vlan, qos, trust, spoofchk, link_state, "
+                                     "min_tx_rate, max_tx_rate, node_guid, port_guid. Example: "
+                                     "sim set-vf --root DIR 0000:08:00.0 1 vlan=900 trust=off")
+    sv.add_argument("--root", required=True, type=_root)
+    sv.add_argument("pf_pci", metavar="PF_PCI")
+    sv.add_argument("vf_index", metavar="VF_INDEX", type=int)
+    sv.add_argument("settings", metavar="KEY=VALUE", nargs="+")
     return ap
 
 
@@ -257,7 +266,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"node {sc.name} ready at {args.root.resolve()}: {len(sc.pfs)} PF(s), {nvf} VF(s), "
               f"driver {sc.loaded_version} loaded, {sc.installed_version} installed")
         return EXIT_OK
-    if args.sim_command in ("state", "stop") and not is_simulated(args.root):
+    if args.sim_command in ("state", "stop", "set-vf") and not is_simulated(args.root):
         raise UsageError(f"{args.root} is not a simulated node (make one with `mofed-lifecycle "
                          "sim init SCENARIO --root DIR`)")
     if args.sim_command == "state":
@@ -266,6 +275,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.sim_command == "stop":
         print("stopped" if node.stop_kernel(args.root) else "no kernel process was running")
+        return EXIT_OK
+    if args.sim_command == "set-vf":
+        from .sim.admin import AdminError, set_vf
+
+        try:
+            vf = set_vf(args.root, args.pf_pci, args.vf_index, args.settings)
+        except AdminError as e:
+            raise UsageError(str(e)) from None
+        print(json.dumps(vf))
         return EXIT_OK
     result = run.run_scenario(args.scenario, root=args.root, keep=args.keep)
     print(run.format_timeline(result))

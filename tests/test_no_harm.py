@@ -62,6 +62,11 @@ vf.1 = { vlan = 100 }
 """
 
 
+def sim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", "sim", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
 def reloads(root: Path) -> int:
     return sum(e["event"] == "openibd.unloaded" for e in jsonl(root / ".sim/timeline.jsonl"))
 
@@ -112,8 +117,11 @@ def test_after_a_partial_restore_a_plain_restart_never_reverts_what_an_admin_cha
     r = lifecycle(root, "--once", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert vf(k, pf, 1)["vlan"] == 100  # restored
-    # the administrator changes VF 1 after the run
-    k.call("nl_set_vf", pf="enp8s0f0np0", vf=1, change={"vlan": 900, "trust": False})
+    # the administrator changes VF 1 after the run (`ip link set PF vf 1 vlan 900 trust off`)
+    admin = sim("set-vf", "--root", str(root), pf, "1", "vlan=900", "trust=off")
+    assert admin.returncode == 0, admin.stderr
+    bad = sim("set-vf", "--root", str(root), pf, "1", "vlan=x")
+    assert bad.returncode == 2 and "vlan=x" in bad.stderr and "Traceback" not in bad.stderr
     r = lifecycle(root, "--once", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert reloads(root) == 1
