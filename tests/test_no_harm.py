@@ -15,7 +15,16 @@ import pytest
 from mofed_lifecycle.host.netlink_types import VfChange, vf_infos
 from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
-from .test_lifecycle import JOURNAL, MARKER, events, journal_states, jsonl, lifecycle, wait_for
+from .test_lifecycle import (
+    JOURNAL,
+    MARKER,
+    STORAGE,
+    events,
+    journal_states,
+    jsonl,
+    lifecycle,
+    wait_for,
+)
 
 SNAPSHOT = "run/mellanox/drivers/mofed-lifecycle/sriov-snapshot.json"
 
@@ -200,27 +209,9 @@ ETH_KILL = PARTIAL.replace("late_vfs = { 2 = 3000.0 }", "") % "" + """
 vf.0 = { mac = "02:00:00:00:08:00", spoofchk = false, link_state = "enable", max_tx_rate = 500 }
 vf.2 = { qos = 2, vlan = 7, mtu = 9000 }
 """
-IB_KILL = """
-[node]
-name = "ib-kill"
-kernel = "5.15.0-91-generic"
-time_scale = 0.01
-seed = 23
-[driver]
-loaded_version = "24.10-1.1.4"
-installed_version = "25.07-0.9.7"
-openibd_restart_s = 20
-extra_modules = [ { name = "nvme_rdma", holds = ["ib_core", "rdma_cm"] } ]
-aux_loaded = ["mlx5_fwctl"]
-[udev]
-netdev_delay_s = 0.3
-[[pf]]
-pci = "0000:18:00.0"
-name = "ibp24s0"
-link = "ib"
-numvfs = 2
-vf.1 = { node_guid = "00:11:22:33:44:55:66:01", port_guid = "00:11:22:33:44:55:77:01" }
-"""
+# the 2-VF IB node with a storage ULP and an aux module of test_lifecycle, plus explicit GUIDs
+IB_KILL = STORAGE + ('vf.1 = { node_guid = "00:11:22:33:44:55:66:01", '
+                     'port_guid = "00:11:22:33:44:55:77:01" }\n')
 VF_FIELDS = ("pci", "driver", "netdev", "mac", "netdev_mac", "vlan", "qos", "trust", "spoofchk",
              "link_state", "min_tx_rate", "max_tx_rate", "mtu", "up", "node_guid", "port_guid")
 KILL_AT = ["inspect", "decide", "preflight", "snapshot", "blacklist", "unload-aux", "reload",

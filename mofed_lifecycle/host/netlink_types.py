@@ -78,10 +78,10 @@ def vf_infos(change: VfChange) -> list[VfChange]:
     """The `IFLA_VF_INFO`s that carry `change`: the kernel applies `IFLA_VF_IB_NODE_GUID` and
     returns, silently ignoring a port GUID in the same VF-info (seen on Linux 6.1), so a port GUID
     always travels in a VF-info of its own."""
-    if change.port_guid is None or change.is_empty():
-        return [change] if not change.is_empty() else []
+    if change.port_guid is None:
+        return [] if change.is_empty() else [change]
     rest = replace(change, port_guid=None)
-    return [*([rest] if not rest.is_empty() else []), VfChange(port_guid=change.port_guid)]
+    return [c for c in (rest, VfChange(port_guid=change.port_guid)) if not c.is_empty()]
 
 
 @dataclass(frozen=True)

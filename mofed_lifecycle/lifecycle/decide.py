@@ -17,13 +17,12 @@ one (`modinfo -F srcversion <m>`). The rules, each a promise to the node:
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
 
-CORE: tuple[str, ...] = ("mlx5_core", "mlx5_ib", "ib_core")
-ALWAYS_COMPARED = CORE  # the modules that must be loaded for the NIC driver to be ready
+CORE: tuple[str, ...] = ("mlx5_core", "mlx5_ib", "ib_core")  # must be loaded to be ready
 # The rest of the stack openibd loads (ib_uverbs exports the peer-memory API since 24.07).
 STACK_COMPARED: tuple[str, ...] = (
     "mlx_compat", "mlxfw", "ib_uverbs", "ib_umad", "ib_ipoib", "ib_cm", "iw_cm", "rdma_cm",
@@ -103,11 +102,15 @@ class Decision:
 
     reload: bool
     comparisons: tuple[ModuleComparison, ...]
-    absent: tuple[str, ...] = field(default=())
 
     @property
     def differences(self) -> tuple[ModuleComparison, ...]:
         return tuple(c for c in self.comparisons if c.differs)
+
+    @property
+    def absent(self) -> tuple[str, ...]:
+        """Compared modules neither loaded nor installed (no difference)."""
+        return tuple(c.module for c in self.comparisons if not c.present and c.installed is None)
 
     @property
     def to_load(self) -> tuple[str, ...]:
@@ -155,10 +158,8 @@ def decide(loaded: Mapping[str, str | None], installed: Mapping[str, str | None]
     comparisons = tuple(
         ModuleComparison(m, _clean(loaded.get(m)), _clean(installed.get(m)),
                          present=m in live, core=m in CORE) for m in seen)
-    return Decision(reload=any(c.differs for c in comparisons), comparisons=comparisons,
-                    absent=tuple(c.module for c in comparisons
-                                 if not c.present and c.installed is None))
+    return Decision(reload=any(c.differs for c in comparisons), comparisons=comparisons)
 
 
-__all__ = ["ALWAYS_COMPARED", "CORE", "NFSRDMA_COMPARED", "STACK_COMPARED", "Decision",
+__all__ = ["CORE", "NFSRDMA_COMPARED", "STACK_COMPARED", "Decision",
            "ModuleComparison", "compared_modules", "decide"]

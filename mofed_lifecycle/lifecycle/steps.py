@@ -165,9 +165,8 @@ class Steps:
         """Load back every module unloaded for the swap, on success and on failure alike, plus
         the NFS/NVMe RDMA ULPs with ENABLE_NFSRDMA; name whatever could not be loaded."""
         names = list(self.journal.facts.get("unloaded_for_swap") or [])
-        if self.config.enable_nfsrdma:
-            to_load = self.decision.to_load if self.decision else ()
-            names += [m for m in (*NFSRDMA_COMPARED, *to_load) if m in NFSRDMA_COMPARED]
+        if self.config.enable_nfsrdma:  # installed ones that are not loaded included
+            names += NFSRDMA_COMPARED
         failed: list[str] = []
         for name in dict.fromkeys(names):
             try:
@@ -210,7 +209,7 @@ class Steps:
         summary = result.to_json()
         done |= set(result.restored)
         self.journal.set(restore=summary, restore_pending=bool(result.failed),
-                         restored_vfs=sorted(done), restore_vfs_total=snap.vf_count)
+                         restored_vfs=sorted(done))
         if result.failed:
             for pci, why in sorted(result.failed.items()):
                 self.log.error("restore.vf_not_restored", vf=pci, why=why)
