@@ -323,3 +323,22 @@ def test_stop_leaves_a_consistent_node_that_a_new_kernel_process_serves(tiny):
     k2 = KernelClient(root)
     assert k2.call("state") == before
     k2.close()
+
+
+def test_a_refused_field_stops_the_vf_info_and_keeps_what_came_before(tiny):
+    """The contract's "Partial apply": MAC, VLAN, rate, spoofchk, link state, trust, GUIDs in that
+    order; a refused one stops the rest, the fields before it stay applied."""
+    _root, k = tiny
+    with pytest.raises(SimKernelError) as e:
+        k.call("nl_set_vf", pf=PF_DEV, vf=3, change={
+            "trust": False, "vlan": 900, "link_state": "sideways", "spoofchk": False})
+    assert e.value.errno == errno.EINVAL
+    vf3 = k.call("state")["pfs"][PF]["vfs"]["3"]
+    assert (vf3["vlan"], vf3["spoofchk"]) == (900, False)  # before link_state: applied
+    assert vf3["trust"] is True and vf3["link_state"] == "auto"  # at and after it: not
+    # a list of VF-infos stops at the first refused VF; the earlier VFs keep their settings
+    with pytest.raises(SimKernelError):
+        k.call("nl_set_vfs", pf=PF_DEV, infos=[[0, {"vlan": 10}], [1, {"qos": 9}],
+                                               [3, {"vlan": 30}]])
+    vfs = k.call("state")["pfs"][PF]["vfs"]
+    assert (vfs["0"]["vlan"], vfs["1"]["qos"], vfs["3"]["vlan"]) == (10, 3, 900)

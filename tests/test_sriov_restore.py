@@ -238,3 +238,51 @@ def test_sim_run_restores_every_vf_of_the_shared_scenarios(name, tmp_path):
         vf16 = doc["state_after"]["pfs"]["0000:01:00.0"]["vfs"]["16"]
         assert vf16["netdev"] == "enp1s0f0v16" and vf16["netdev_mac"] == vf16["mac"]
     assert doc["restore_s"] is not None and doc["restore_limit_s"] > 0
+
+
+class _IgnoresTrust:
+    """A driver that accepts `trust` and silently keeps the old value (as mlx5 did with a port
+    GUID beside a node GUID): only reading back can tell."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def set_vf(self, pf, vf, change):
+        from dataclasses import replace
+        if change.trust is not None:
+            change = replace(change, trust=None)
+        if not change.is_empty():
+            self.inner.set_vf(pf, vf, change)
+
+    def set_vfs(self, pf, changes):
+        for vf, change in changes.items():
+            self.set_vf(pf, vf, change)
+
+
+def test_a_setting_the_kernel_accepted_but_did_not_keep_fails_that_vf_by_name(tiny):
+    import threading
+
+    import structlog
+
+    from mofed_lifecycle.host.node import open_node
+    from mofed_lifecycle.sim.admin import set_vf
+    from mofed_lifecycle.sriov.restore import restore
+    from mofed_lifecycle.sriov.snapshot import take_snapshot
+
+    root, k = tiny
+    node = open_node(root)
+    try:
+        snap = take_snapshot(node.paths, node.netlink)
+        set_vf(root, "0000:08:00.0", 0, ["trust=off", "vlan=5"])  # drift to undo
+        node.netlink = _IgnoresTrust(node.netlink)
+        result = restore(node, snap, deadline_s=20, workers=4, stop=threading.Event(),
+                         log=structlog.get_logger())
+    finally:
+        node.close()
+    vf0 = k.call("state")["pfs"]["0000:08:00.0"]["vfs"]["0"]
+    assert vf0["vlan"] == 0 and vf0["trust"] is False  # VLAN back; trust really not kept
+    assert "trust True (reads False)" in result.failed["0000:08:00.2"]
+    assert set(result.failed) == {"0000:08:00.2"}

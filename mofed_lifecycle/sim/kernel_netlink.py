@@ -33,6 +33,50 @@ def _mac(value: Any, *, allow_zero: bool) -> str:
     return mac
 
 
+# The order in which the kernel applies the attributes of one IFLA_VF_INFO (do_setvfinfo): MAC,
+# VLAN (with QoS), TX rate, rate (min/max), spoofchk, link state, trust, node GUID, port GUID.
+VF_APPLY_ORDER: tuple[tuple[str, ...], ...] = (
+    ("mac",), ("vlan", "qos"), ("min_tx_rate", "max_tx_rate"), ("spoofchk",), ("link_state",),
+    ("trust",), ("node_guid",), ("port_guid",))
+
+
+def _checked(pf: Pf, pf_name: str, admin: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """One attribute's fields, validated as mlx5 does; raises KernelError for a refused one."""
+    ib = pf.link == "ib"
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key == "mac":
+            if ib:
+                raise KernelError(errno.EOPNOTSUPP, f"{pf_name} is InfiniBand: VFs have GUIDs")
+            out["mac"] = _mac(value, allow_zero=True)
+        elif key in ("node_guid", "port_guid"):
+            if not ib:
+                raise KernelError(errno.EOPNOTSUPP, f"{pf_name} is Ethernet: VFs have no GUIDs")
+            guid = str(value).lower()
+            if not GUID_RE.match(guid):
+                raise KernelError(errno.EINVAL, f"invalid GUID {value!r}")
+            if guid == ZERO_GUID:
+                raise KernelError(errno.EINVAL, "an all-zero GUID cannot be assigned")
+            out[key] = guid
+        elif key in ("vlan", "qos", "min_tx_rate", "max_tx_rate"):
+            limit = {"vlan": 4095, "qos": 7}.get(key, 10**6)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+                raise KernelError(errno.EINVAL, f"{key} {value!r} out of range 0..{limit}")
+            out[key] = value
+        elif key in ("trust", "spoofchk"):
+            out[key] = bool(value)
+        elif value not in LINK_STATES:
+            raise KernelError(errno.EINVAL, f"link_state {value!r}: one of {LINK_STATES}")
+        else:
+            out[key] = value
+    if "max_tx_rate" in out or "min_tx_rate" in out:
+        lo = out.get("min_tx_rate", admin["min_tx_rate"])
+        hi = out.get("max_tx_rate", admin["max_tx_rate"])
+        if hi and lo > hi:
+            raise KernelError(errno.EINVAL, "min_tx_rate exceeds max_tx_rate")
+    return out
+
+
 class NetlinkMixin:
     """rtnetlink operations of SimKernel."""
 
@@ -83,48 +127,29 @@ class NetlinkMixin:
         return out
 
     def nl_set_vf(self: SimKernel, pf_name: str, vf: int, change: dict[str, Any]) -> None:
+        """One IFLA_VF_INFO. Fields apply in the kernel's order (VF_APPLY_ORDER); the first refused
+        one stops the request and what was applied before it stays (the contract's "Partial
+        apply"). A node GUID ends the request: a port GUID beside it is ignored, as on mlx5."""
         pf = self._pf_of(pf_name)
         if not isinstance(vf, int) or not 0 <= vf < len(pf.vfs):
             raise KernelError(errno.EINVAL, f"{pf_name} has no VF {vf} (numvfs = {len(pf.vfs)})")
-        ib = pf.link == "ib"
-        new = dict(pf.vfs[vf].admin)
-        if change.get("node_guid") is not None:  # the kernel sets the node GUID and returns:
-            change = {k: v for k, v in change.items() if k != "port_guid"}  # port GUID ignored
-        for key, value in change.items():
-            if value is None:
-                continue
-            if key == "mac":
-                if ib:
-                    raise KernelError(errno.EOPNOTSUPP, f"{pf_name} is InfiniBand: VFs have GUIDs")
-                new["mac"] = _mac(value, allow_zero=True)
-            elif key in ("node_guid", "port_guid"):
-                if not ib:
-                    raise KernelError(errno.EOPNOTSUPP, f"{pf_name} is Ethernet: VFs have no GUIDs")
-                if not GUID_RE.match(str(value).lower()):
-                    raise KernelError(errno.EINVAL, f"invalid GUID {value!r}")
-                new[key] = str(value).lower()
-            elif key in ("vlan", "qos", "min_tx_rate", "max_tx_rate"):
-                limit = {"vlan": 4095, "qos": 7}.get(key, 10**6)
-                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-                    raise KernelError(errno.EINVAL, f"{key} {value!r} out of range 0..{limit}")
-                new[key] = value
-            elif key in ("trust", "spoofchk"):
-                new[key] = bool(value)
-            elif key == "link_state":
-                if value not in LINK_STATES:
-                    raise KernelError(errno.EINVAL, f"link_state {value!r}: one of {LINK_STATES}")
-                new[key] = value
-            else:
-                raise KernelError(errno.EINVAL, f"unknown VF setting {key!r}")
-        if new["max_tx_rate"] and new["min_tx_rate"] > new["max_tx_rate"]:
-            raise KernelError(errno.EINVAL, "min_tx_rate exceeds max_tx_rate")
-        if ib and ZERO_GUID in (change.get("node_guid"), change.get("port_guid")):
-            raise KernelError(errno.EINVAL, "an all-zero GUID cannot be assigned")
-        was = pf.vfs[vf].admin
-        pf.vfs[vf].admin = new
-        self.note("vf.set", pf=pf.pci, vf=vf, pci=pf.vfs[vf].pci,
-                  changed={k: v for k, v in new.items() if was.get(k) != v})
-        self.dirty = True
+        unknown = sorted(set(change) - {k for group in VF_APPLY_ORDER for k in group})
+        if unknown:
+            raise KernelError(errno.EINVAL, f"unknown VF setting {unknown[0]!r}")
+        target = pf.vfs[vf]
+        was = dict(target.admin)
+        try:
+            for group in VF_APPLY_ORDER:
+                fields = {k: change[k] for k in group if change.get(k) is not None}
+                if fields:
+                    target.admin.update(_checked(pf, pf_name, target.admin, fields))
+                    if "node_guid" in fields:
+                        break  # the kernel sets the node GUID and returns
+        finally:
+            changed = {k: v for k, v in target.admin.items() if was.get(k) != v}
+            if changed:
+                self.note("vf.set", pf=pf.pci, vf=vf, pci=target.pci, changed=changed)
+                self.dirty = True
 
     def nl_set_link(self: SimKernel, name: str, change: dict[str, Any]) -> None:
         nd = self._netdev(name)

@@ -62,6 +62,18 @@ def vf_change(saved: VfSettings, current: VfSettings | None, *, ib: bool) -> VfC
     )
 
 
+def unkept(saved: VfSettings, current: VfSettings | None, *, ib: bool) -> dict[str, tuple[object,
+                                                                                       object]]:
+    """Settings the kernel reads back other than saved, {field: (wanted, read)}, after a restore
+    (a kernel may accept a request and ignore part of it: a port GUID beside a node GUID, or stop
+    at a refused field). A field the driver does not report (None) cannot be checked: left out."""
+    if current is None:
+        return {}
+    change = vf_change(saved, current, ib=ib)
+    return {f: (getattr(change, f), getattr(current, f)) for f in change.__dataclass_fields__
+            if getattr(change, f) is not None and getattr(current, f) is not None}
+
+
 def identity_changes(change: VfChange) -> bool:
     """True if `change` touches what a bound VF reads only when it binds (MAC, GUIDs)."""
     return any(v is not None for v in (change.mac, change.node_guid, change.port_guid))

@@ -32,6 +32,7 @@ from .plan import (
     link_change_is_empty,
     must_rebind,
     numvfs_action,
+    unkept,
     vf_change,
 )
 from .readiness import Expected, Readiness, progress_line
@@ -304,6 +305,36 @@ class Restorer:
                                   pf_name, i, change)
                 except (OSError, RestoreAborted) as e:
                     self.vf_failed(pf, by_index[i], str(e))
+        self.verify_settings(pf, pf_name, [by_index[i] for i in indexes])
+
+    def verify_settings(self, pf: PfSnapshot, pf_name: str, vfs: list[VfSnapshot]) -> None:
+        """Read every changed VF back: what the kernel did not keep is sent once more on its own,
+        and a VF that still reads otherwise is failed, naming the field (never a silent loss)."""
+        vfs = [vf for vf in vfs if vf.pci not in self.result.failed]
+        for attempt in (1, 2):
+            if not vfs:
+                return
+            now = {s.index: s for s in self.retrying(f"read back VFs of {pf_name}",
+                                                     self.node.netlink.vfs, pf_name)}
+            wrong = {vf.index: unkept(vf.settings, now.get(vf.index), ib=pf.ib) for vf in vfs}
+            vfs = [vf for vf in vfs if wrong[vf.index]]
+            for vf in vfs:
+                fields = ", ".join(f"{k} {want} (reads {got})"
+                                   for k, (want, got) in wrong[vf.index].items())
+                if attempt == 2:
+                    self.vf_failed(pf, vf, f"the kernel did not keep {fields} on VF {vf.index} of "
+                                   f"{pf_name}: set it by hand (ip link set {pf_name} vf "
+                                   f"{vf.index} ...) and check dmesg")
+                    continue
+                self.log.warning("restore.vf_not_kept", vf=vf.pci, pf=pf.pci, index=vf.index,
+                                 fields=fields)
+                try:
+                    self.retrying(f"set VF {vf.index} of {pf_name} again",
+                                  self.node.netlink.set_vf, pf_name, vf.index,
+                                  vf_change(vf.settings, now.get(vf.index), ib=pf.ib))
+                except (OSError, RestoreAborted) as e:
+                    self.vf_failed(pf, vf, str(e))
+            vfs = [vf for vf in vfs if vf.pci not in self.result.failed]
 
     def vf_failed(self, pf: PfSnapshot, vf: VfSnapshot, why: str) -> None:
         self.result.failed[vf.pci] = why
