@@ -171,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("pf_pci", metavar="PF_PCI")
     sv.add_argument("vf_index", metavar="VF_INDEX", type=int)
     sv.add_argument("settings", metavar="KEY=VALUE", nargs="+")
+    from .sim.admin import SET_ACTIONS
+
+    ss = ssub.add_parser(
+        "set", help="change the node as an operator or a failure would (modules, route, firmware)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Change the node at DIR at once, between or during runs. WHAT is one of:\n"
+                    + "".join(f"  {w} {a:<26} {d}\n" for w, (a, d) in SET_ACTIONS.items())
+                    + "Example: sim set --root DIR module-unload nvme_rdma")
+    ss.add_argument("--root", required=True, type=_root)
+    ss.add_argument("what", metavar="WHAT", nargs="+")
     return ap
 
 
@@ -266,7 +276,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"node {sc.name} ready at {args.root.resolve()}: {len(sc.pfs)} PF(s), {nvf} VF(s), "
               f"driver {sc.loaded_version} loaded, {sc.installed_version} installed")
         return EXIT_OK
-    if args.sim_command in ("state", "stop", "set-vf") and not is_simulated(args.root):
+    if args.sim_command in ("state", "stop", "set-vf", "set") and not is_simulated(args.root):
         raise UsageError(f"{args.root} is not a simulated node (make one with `mofed-lifecycle "
                          "sim init SCENARIO --root DIR`)")
     if args.sim_command == "state":
@@ -276,14 +286,18 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.sim_command == "stop":
         print("stopped" if node.stop_kernel(args.root) else "no kernel process was running")
         return EXIT_OK
-    if args.sim_command == "set-vf":
-        from .sim.admin import AdminError, set_vf
+    if args.sim_command in ("set-vf", "set"):
+        from .sim.admin import AdminError, AdminRefused, set_node, set_vf
 
         try:
-            vf = set_vf(args.root, args.pf_pci, args.vf_index, args.settings)
+            done = (set_vf(args.root, args.pf_pci, args.vf_index, args.settings)
+                    if args.sim_command == "set-vf" else set_node(args.root, args.what))
         except AdminError as e:
             raise UsageError(str(e)) from None
-        print(json.dumps(vf))
+        except AdminRefused as e:
+            print(f"mofed-lifecycle: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(done))
         return EXIT_OK
     result = run.run_scenario(args.scenario, root=args.root, keep=args.keep)
     print(run.format_timeline(result))

@@ -196,12 +196,17 @@ def test_openibd_hanging_past_its_timeout_fails_cleanly(make_node):
     assert failed["state"] == "reload" and "failed 2 times" in failed["error"]
     st = k.call("state")
     assert st["blacklist_files"] == [] and not st["markers"][MARKER]
-    # the modules unloaded for the swap are loaded back, the blacklist goes, then the run fails:
-    # no restore, no marker on a node without its driver
-    assert journal_states(root)[-4:] == ["reload", "reload-aux", "unblacklist", "failed"]
-    assert {"nvme_rdma", "mlx5_fwctl"} <= set(st["modules"])  # NVMe-oF is not left down
+    # the modules unloaded for the swap (openibd's stack too) are loaded back, the blacklist goes,
+    # the VFs come back, then the run fails: no marker after a failed reload
+    assert journal_states(root)[-5:] == ["reload", "reload-aux", "unblacklist", "restore",
+                                         "failed"]
+    assert {"nvme_rdma", "mlx5_fwctl", *COMPARED} <= set(st["modules"])  # NVMe-oF is not left down
+    pf = st["pfs"]["0000:18:00.0"]
+    assert pf["numvfs"] == 2 and all(v["driver"] == "mlx5_core" and v["netdev"]
+                                     for v in pf["vfs"].values())
     unwound = next(e for e in evs if e["event"] == "swap.unwound")
     assert unwound["not_reloaded"] == [] and "consistent" in unwound["node"]
+    assert unwound["vfs"].startswith("restored")
 
 
 # ---- one instance, signals ----------------------------------------------------------------------

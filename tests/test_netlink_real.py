@@ -327,3 +327,38 @@ def test_missing_namespace_is_our_error() -> None:
     with pytest.raises(NetlinkError) as missing:
         PyrouteNetlink(netns=f"mofed-nl-absent-{uuid.uuid4().hex[:8]}")
     assert missing.value.errno == errno.ENOENT
+
+
+def altname_rules(nl, holder: str, alt: str, other: str) -> None:
+    """The contract's "Altnames" as the daemon sees them through the `Netlink` seam: `holder`
+    carries altname `alt` (udev's policy after a rename), `other` is any other netdev (down)."""
+    info = nl.link(alt)  # a name lookup resolves an altname too
+    assert info is not None and info.name == holder and alt in info.altnames
+    for who in (other, holder):  # any netdev, the holder itself too
+        with pytest.raises(NetlinkError) as taken:
+            nl.set_link(who, LinkChange(name=alt, up=False))
+        assert taken.value.errno == errno.EEXIST
+    nl.del_altname(holder, alt)
+    assert nl.link(alt) is None and alt not in nl.link(holder).altnames
+    nl.set_link(other, LinkChange(name=alt, up=False))
+    assert nl.link(alt).name == alt
+    with pytest.raises(NetlinkError) as missing:
+        nl.del_altname(holder, "nosuchalt")
+    assert missing.value.errno == errno.ENOENT
+
+
+def test_altnames_on_the_real_kernel(netns: str, nl: PyrouteNetlink) -> None:
+    ip("-n", netns, "link", "property", "add", "dev", "nla0", "altname", "pf0vf0")  # as udev does
+    altname_rules(nl, "nla0", "pf0vf0", "nlb0")
+
+
+def test_the_simulator_follows_the_same_altname_rules(tiny) -> None:
+    from mofed_lifecycle.sim.client import KernelClient
+    from mofed_lifecycle.sim.netlink import SimNetlink
+
+    root, _k = tiny
+    with KernelClient(root) as client:
+        nl = SimNetlink(client)
+        nl.set_link("enp8s0f0v0", LinkChange(name="vfx", up=False))  # away from udev's name
+        nl.set_link("enp8s0f0v1", LinkChange(up=False))
+        altname_rules(nl, "vfx", "enp8s0f0v0", "enp8s0f0v1")

@@ -147,7 +147,8 @@ def test_a_refused_reload_keeps_no_snapshot_and_settings_changed_meanwhile_survi
     r = lifecycle(root, "--once")
     assert r.returncode == 1 and "refused" in journal_states(root)
     assert not (root / SNAPSHOT).exists()  # a refusal keeps no snapshot
-    k.call("nl_set_vf", pf="enp8s0f0np0", vf=1, change={"vlan": 900})
+    admin = sim("set-vf", "--root", str(root), pf, "1", "vlan=900")  # while it was refused
+    assert admin.returncode == 0, admin.stderr
     r = lifecycle(root, "--once", env={"UNLOAD_STORAGE_MODULES": "true"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert reloads(root) == 1
@@ -168,6 +169,30 @@ def test_a_refusal_names_every_holder_at_once(make_node):
         assert m in refused["reason"], m
     status = json.loads((root / JOURNAL).with_name("status.json").read_text())
     assert all(m in status["reason"] for m in ("nvme_rdma", "ib_srp", "bnxt_re"))
+
+
+def test_a_failed_swap_leaves_exactly_the_modules_the_node_had(make_node):
+    """Item 4: what the swap unloaded is loaded back when openibd fails, and nothing else: a ULP
+    the operator had taken down before the run (`sim set module-unload`) stays down."""
+    root, k = make_node(STORAGE.replace("openibd_restart_s = 20", "openibd_restart_s = 3000"),
+                        "unwind")
+    down = sim("set", "--root", str(root), "module-unload", "nvme_rdma")
+    assert down.returncode == 0, down.stderr
+    before = k.call("state")["modules"]
+    r = lifecycle(root, "--once", env={"UNLOAD_STORAGE_MODULES": "1", "OPENIBD_TIMEOUT_SEC": "0.5",
+                                       "OPENIBD_ATTEMPTS": "1"})
+    assert r.returncode == 1 and "reload" in journal_states(root)
+    after = k.call("state")
+    # openibd was killed half-way (its stack unloaded): the stack, mlx5_fwctl and the VFs come
+    # back; nvme_rdma, down before the run, stays down
+    assert sorted(after["modules"]) == sorted(before)
+    assert after["blacklist_files"] == [] and not after["markers"][MARKER]
+    pf = after["pfs"]["0000:18:00.0"]
+    assert pf["numvfs"] == 2 and all(v["netdev"] for v in pf["vfs"].values())
+    unwound = next(e for e in events(r.stderr) if e["event"] == "swap.unwound")
+    assert unwound["not_reloaded"] == [] and unwound["vfs"].startswith("restored")
+    status = json.loads((root / JOURNAL).with_name("status.json").read_text())
+    assert "did not finish" in status["last_error"] and "VFs restored" in status["last_error"]
 
 
 PEERMEM = MATCHING.replace('name = "matching"', 'name = "peermem-noop"') + """

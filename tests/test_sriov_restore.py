@@ -207,9 +207,14 @@ SWITCHDEV = Path(__file__).resolve().parent.parent / "mofed_lifecycle/sim/exampl
 def test_switchdev_comes_back_with_its_representors_and_vfs_bound_once(make_node):
     root, k = make_node(SWITCHDEV, "sw")
     # An operator had swapped two representors' names: udev will not give them back by itself.
+    # Each rename away from a udev-given name leaves it as an altname (udev's policy), which the
+    # kernel refuses as a new name until it is deleted: the operator deleted it, as the daemon must.
     for old, new in (("enp129s0f0np0_0", "tmpname"), ("enp129s0f0np0_1", "enp129s0f0np0_0"),
                      ("tmpname", "enp129s0f0np0_1")):
         k.call("nl_set_link", name=old, change={"name": new, "up": False})
+        if old != "tmpname":
+            assert k.call("state")["altnames"] == {new: [old]}
+            k.call("nl_del_altname", name=new, altname=old)
     k.call("nl_set_link", name="enp129s0f0np0_2", change={"mtu": 9000})
     before = k.call("state")
     r = lifecycle(root, "--once")
@@ -220,6 +225,7 @@ def test_switchdev_comes_back_with_its_representors_and_vfs_bound_once(make_node
     assert pf["eswitch"] == "switchdev" and len(pf["representors"]) == 4
     assert pf["representors"]["0"]["name"] == "enp129s0f0np0_1"
     assert pf["representors"]["2"]["mtu"] == 9000
+    assert after["altnames"] == {}  # the swap removed the altnames udev's policy left on the way
     binds = binds_since_reload(root)
     assert all(binds.get(vf["pci"]) == 1 for vf in pf["vfs"].values())
 

@@ -167,7 +167,14 @@ def link_info(msg: Any) -> LinkInfo:
         address=msg.get("IFLA_ADDRESS") or "",
         link_type=msg["ifi_type"],
         num_vf=msg.get("IFLA_NUM_VF") or 0,
+        altnames=altnames_of(msg),
     )
+
+
+def altnames_of(msg: Any) -> tuple[str, ...]:
+    """The alternative names of a decoded RTM_NEWLINK message (IFLA_PROP_LIST/IFLA_ALT_IFNAME)."""
+    props = msg.get_attr("IFLA_PROP_LIST") if hasattr(msg, "get_attr") else None
+    return tuple(props.get_attrs("IFLA_ALT_IFNAME")) if props else ()
 
 
 def vfs_of(msg: Any) -> list[VfSettings]:
@@ -295,6 +302,11 @@ class PyrouteNetlink:
             with _translated(f"{op} on {current}"):
                 self._ipr.link("set", index=index, **kwargs)
             current = kwargs.get("ifname", current)
+
+    def del_altname(self, name: str, altname: str) -> None:
+        index = self._require(name)["index"]
+        with _translated(f"delete altname {altname} of {name}"):
+            self._ipr.link("property_del", index=index, altname=altname)
 
     def close(self) -> None:
         with _translated("close rtnetlink"):

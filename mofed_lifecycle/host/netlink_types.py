@@ -36,6 +36,7 @@ class LinkInfo:
     address: str  # MAC (Ethernet) or 20-byte IPoIB hardware address, colon-separated
     link_type: int  # ARPHRD_*: 1 Ethernet, 32 InfiniBand
     num_vf: int = 0
+    altnames: tuple[str, ...] = ()  # alternative names (udev adds the old name after a rename)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ class Netlink(Protocol):
 
     def set_link(self, name: str, change: LinkChange) -> None:
         """Apply link-level `change` to netdev `name`."""
+        ...
+
+    def del_altname(self, name: str, altname: str) -> None:
+        """Remove alternative name `altname` of netdev `name` (RTM_DELLINKPROP)."""
         ...
 
     def close(self) -> None: ...

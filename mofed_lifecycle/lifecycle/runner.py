@@ -160,8 +160,8 @@ class Runner(Steps):
     def node_left(self, state: State) -> str:
         """What a failure in `state` leaves on the node, said truthfully."""
         if state in CRITICAL:  # the swap goes on: modules loaded back, then the blacklist removed
-            return "the swap is being unwound (modules unloaded for it are loaded back, then " \
-                   "the blacklist is removed)"
+            return "the swap is being unwound (modules unloaded for it are loaded back, the " \
+                   "blacklist is removed, then the VFs are restored if the driver is loaded)"
         missing = list(self.journal.facts.get("not_reloaded") or [])
         if missing:
             return ("the node is NOT consistent: these modules unloaded for the swap could not "

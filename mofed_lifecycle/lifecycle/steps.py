@@ -131,9 +131,12 @@ class Steps:
         assert self.preflight is not None
         # written before the first unload: whatever happens next (even SIGKILL: a killed
         # predecessor's list is kept), these are loaded back
+        # openibd unloads the stack itself: what of it was loaded is owed back too (a failed or
+        # killed openibd can leave it unloaded, with every VF gone)
+        stack = [m for m in compared_modules(self.config) if m in self.facts]
         owed = list(self.journal.facts.get("unloaded_for_swap") or [])
-        self.journal.set(unloaded_for_swap=list(dict.fromkeys([*self.preflight.reload_after,
-                                                               *owed])), not_reloaded=[])
+        self.journal.set(unloaded_for_swap=list(dict.fromkeys(
+            [*stack, *self.preflight.reload_after, *owed])), not_reloaded=[])
         if self.preflight.unload:
             modprobe_remove(self.preflight.unload, self.node.env, TOOL_TIMEOUT_S)
         return Outcome.OK
@@ -168,39 +171,55 @@ class Steps:
         if self.config.enable_nfsrdma:  # installed ones that are not loaded included
             names += NFSRDMA_COMPARED
         failed: list[str] = []
+        loaded = read_module_facts(self.node.paths)
         for name in dict.fromkeys(names):
+            if name in loaded:  # openibd loaded it back (or a dependency did): nothing to do
+                continue
             try:
                 modprobe([name], self.node.env, TOOL_TIMEOUT_S)
             except ModuleCommandError as e:  # the NIC driver may be fine; say what is missing
                 failed.append(name)
                 self.log.error("module.reload_failed", module=name, error=str(e),
                                next=f"load it by hand: modprobe {name}")
-        self.journal.set(not_reloaded=failed, unloaded_for_swap=[])
+                continue
+            loaded = read_module_facts(self.node.paths)  # its dependencies came with it
+            self.log.warning("module.loaded_back", module=name, why="unloaded for the swap and "
+                             "not loaded again by it")
+        # NFSRDMA ULPs that are simply not installed are no loss; every module owed is checked
+        loaded = read_module_facts(self.node.paths)
+        missing = [m for m in dict.fromkeys(self.journal.facts.get("unloaded_for_swap") or [])
+                   if m not in loaded]
+        self.journal.set(not_reloaded=sorted(set(missing) | (set(failed) - set(NFSRDMA_COMPARED))),
+                         unloaded_for_swap=[])
         return Outcome.OK
 
     def step_unblacklist(self: Runner) -> Outcome:
         if remove_file(self.blacklist_path):
             self.log.info("blacklist.removed", path=str(self.blacklist_path))
         self.journal.set(blacklist_written=False)
-        if self.swap_failed:  # the blacklist is gone; the reload itself did not succeed
-            self.swap_failed = False
-            self.log.error("swap.unwound", node=self.node_left(State.FAILED),
-                           not_reloaded=list(self.journal.facts.get("not_reloaded") or []))
-            return Outcome.FAILED
+        # a failed swap goes on to the restore too: the VFs come back if the driver did
         return Outcome.OK
 
     def step_restore(self: Runner) -> Outcome:
+        if self.swap_failed:  # the reload failed; the driver and its VFs are put back first
+            return self.unwind_restore()
+        self.restore_vfs(unwinding=False)
+        return Outcome.OK
+
+    def restore_vfs(self: Runner, *, unwinding: bool) -> None:
+        """Restore the VFs still owed from the saved snapshot; StepFailed if some did not come
+        back and the node may not be ready with them missing (or the swap failed anyway)."""
         pending = self.journal.facts.get("restore_pending")
         snap = load_snapshot(self.journal.dir) if pending else None
         if snap is None:
             self.log.info("restore.skipped", why="no restore pending: no VF is touched")
-            return Outcome.OK
+            return
         done = set(self.journal.facts.get("restored_vfs") or [])
         todo = without_vfs(snap, done)  # never overwrite a VF a previous restore brought back
         self.log.info("restore.started", pfs=len(todo.pfs), vfs=todo.vf_count,
                       already_restored=len(done), deadline_s=self.config.vf_restore_timeout_s,
                       workers=self.config.vf_restore_workers,
-                      stop_requested=self.stop.is_set())
+                      stop_requested=self.stop.is_set(), after_failed_swap=unwinding)
         # part of the critical section: a stop waits for it (bounded by its deadline), so a stop
         # never leaves the node without its VFs
         result = restore(self.node, todo, deadline_s=self.config.vf_restore_timeout_s,
@@ -210,23 +229,42 @@ class Steps:
         done |= set(result.restored)
         self.journal.set(restore=summary, restore_pending=bool(result.failed),
                          restored_vfs=sorted(done))
-        if result.failed:
-            for pci, why in sorted(result.failed.items()):
-                self.log.error("restore.vf_not_restored", vf=pci, why=why)
-            msg = (f"{len(result.failed)} of {snap.vf_count} VFs not restored: "
-                   + ", ".join(sorted(result.failed)))
-            self.journal.set(last_error=msg)
-            if not self.config.ready_on_partial_restore:
-                raise StepFailed(msg + "; READY_ON_PARTIAL_RESTORE=false keeps the node not ready")
-            self.log.warning("restore.partial", restored=len(result.restored),
-                             failed=sorted(result.failed),
-                             next="the node is marked ready (READY_ON_PARTIAL_RESTORE=true); only "
-                                  "the missing VFs are retried from the saved snapshot at the "
-                                  "next start; VFs already restored are never touched again")
-        else:
+        if not result.failed:
             self.log.info("restore.done", restored=len(result.restored),
                           duration_s=round(result.duration_s, 4), strategy=result.strategy)
-        return Outcome.OK
+            return
+        for pci, why in sorted(result.failed.items()):
+            self.log.error("restore.vf_not_restored", vf=pci, why=why)
+        msg = (f"{len(result.failed)} of {snap.vf_count} VFs not restored: "
+               + ", ".join(sorted(result.failed)))
+        if unwinding or not self.config.ready_on_partial_restore:
+            raise StepFailed(msg + ("" if unwinding else
+                                    "; READY_ON_PARTIAL_RESTORE=false keeps the node not ready"))
+        self.journal.set(last_error=msg)
+        self.log.warning("restore.partial", restored=len(result.restored),
+                         failed=sorted(result.failed),
+                         next="the node is marked ready (READY_ON_PARTIAL_RESTORE=true); only "
+                              "the missing VFs are retried from the saved snapshot at the "
+                              "next start; VFs already restored are never touched again")
+
+    def unwind_restore(self: Runner) -> Outcome:
+        """After a failed swap (modules loaded back, blacklist gone): restore the VFs if the NIC
+        driver is loaded, then fail, saying truthfully what the node was left with."""
+        self.swap_failed = False
+        failure = self.journal.facts.get("last_error") or "the driver swap failed"
+        if "mlx5_core" not in read_module_facts(self.node.paths):
+            vfs = ("NOT restored: mlx5_core is not loaded (the saved VF settings are kept for the "
+                   "next run)")
+        else:
+            try:
+                self.restore_vfs(unwinding=True)
+                vfs = "restored (or none were owed)"
+            except StepFailed as e:
+                vfs = f"NOT all restored: {e} (the rest are retried at the next run)"
+        self.journal.set(last_error=f"{failure}; VFs {vfs}")
+        self.log.error("swap.unwound", node=self.node_left(State.FAILED), vfs=vfs,
+                       not_reloaded=list(self.journal.facts.get("not_reloaded") or []))
+        return Outcome.FAILED
 
     def step_mount_headers(self: Runner) -> Outcome:
         target = self.node.paths.resolve(self.config.shared_kernel_headers_dir)

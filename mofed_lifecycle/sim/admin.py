@@ -1,4 +1,9 @@
-"""`sim set-vf`: what an administrator's `ip link set PF vf N ...` does on a simulated node."""
+"""`sim set-vf` and `sim set`: change a simulated node as an administrator or a failure would.
+
+`set-vf` is what `ip link set PF vf N ...` does; `set` unloads or loads a module, moves the default
+route, or changes a PF's firmware VF count for the next boot. Each acts at once on the running node
+(its kernel process), between or during runs; a kernel refusal is reported as the kernel's reason.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,11 @@ BOOLS = {"on": True, "true": True, "1": True, "off": False, "false": False, "0":
 
 
 class AdminError(ValueError):
-    """A KEY=VALUE the contract does not define, or a PF/VF the node does not have."""
+    """A KEY=VALUE the contract does not define, or a PF/VF the node does not have (exit 2)."""
+
+
+class AdminRefused(RuntimeError):
+    """The node's kernel refused the change (a module in use, ...): exit 1, with its reason."""
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
@@ -53,5 +62,48 @@ def set_vf(root: Path, pf_pci: str, index: int, pairs: list[str]) -> dict[str, A
         try:
             k.call("nl_set_vf", pf=pf["name"], vf=index, change=change)
         except SimKernelError as e:
-            raise AdminError(f"the kernel refused it: {e.strerror}") from None
+            raise AdminRefused(f"the kernel refused it: {e.strerror}") from None
         return dict(k.call("state")["pfs"][pf_pci.lower()]["vfs"][str(index)])
+
+
+SET_ACTIONS = {  # WHAT -> (arguments, what it does)
+    "module-unload": ("NAME", "rmmod NAME (refused while it is in use)"),
+    "module-load": ("NAME", "modprobe NAME, with its dependencies"),
+    "route-default": ("DEV", "the default route through netdev DEV ('none': no default route)"),
+    "fw": ("PF_PCI next_boot_numvfs=N", "firmware NUM_OF_VFS for the next cold boot"),
+}
+
+
+def set_node(root: Path, words: list[str]) -> dict[str, Any]:
+    """`sim set WHAT ARGS`: one change, at once; returns {"changed": WHAT, ...the new facts}."""
+    if not words or words[0] not in SET_ACTIONS:
+        raise AdminError(f"unknown change {words[0] if words else ''!r}; one of: " + "; ".join(
+            f"{w} {a}" for w, (a, _) in SET_ACTIONS.items()))
+    what, args = words[0], words[1:]
+    expected = SET_ACTIONS[what][0]
+    if len(args) != len(expected.split()):
+        raise AdminError(f"usage: sim set --root DIR {what} {expected}")
+    with KernelClient(root) as k:
+        try:
+            if what == "module-unload":
+                k.call("rmmod", name=args[0])
+                return {"changed": what, "module": args[0],
+                        "loaded": args[0].replace("-", "_") in k.call("state")["modules"]}
+            if what == "module-load":
+                loaded = k.call("modprobe", names=[args[0]])
+                return {"changed": what, "module": args[0], "loaded_now": loaded}
+            if what == "route-default":
+                k.call("set_default_route", dev=None if args[0] == "none" else args[0])
+                return {"changed": what, "default_route": k.call("state")["default_route"]}
+            pfs = k.call("state")["pfs"]
+            if args[0].lower() not in pfs:
+                raise AdminError(f"no PF {args[0]} on this node (PFs: {', '.join(sorted(pfs))})")
+            key, sep, value = args[1].partition("=")
+            if key != "next_boot_numvfs" or not sep or not value.isdigit():
+                raise AdminError(f"{args[1]!r}: expected next_boot_numvfs=N")
+            k.call("set_fw", pf=args[0].lower(), next_boot_num_of_vfs=int(value))
+            return {"changed": what, "pf": args[0].lower(),
+                    "fw": k.call("state")["pfs"][args[0].lower()]["fw"]}
+        except SimKernelError as e:
+            raise AdminRefused(f"{what} {' '.join(args)}: the kernel refused it: "
+                               f"{e.strerror}") from None

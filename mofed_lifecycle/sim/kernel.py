@@ -20,6 +20,7 @@ from typing import Any
 
 from ..host.netlink_types import ZERO_MAC
 from .kernel_eswitch import EswitchMixin
+from .kernel_host import HostMixin
 from .kernel_modules import KernelError, ModulesMixin
 from .kernel_netlink import NetlinkMixin
 from .model import ADMIN_DEFAULTS, KernelState, Netdev, Pf, Vf, ipoib_address
@@ -30,7 +31,7 @@ from .uevent import UeventBus
 __all__ = ["KernelError", "SimKernel"]
 
 
-class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin):
+class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
     """One node's kernel: mutate only through these methods, then `advance()` the clock."""
 
     def __init__(self, root: Path, sc: Scenario, st: KernelState, *,
@@ -78,7 +79,7 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin):
     # ---- netdevs ---------------------------------------------------------------------------
     def _kernel_name(self, link_type: int) -> str:
         prefix = "ib" if link_type == 32 else "eth"
-        used = {n.name for n in self.st.netdevs.values()}
+        used = {x for n in self.st.netdevs.values() for x in (n.name, *n.altnames)}
         k = 0
         while f"{prefix}{k}" in used:
             k += 1
@@ -92,6 +93,9 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin):
         if nd is None:
             return
         self.tree.drop_netdev(nd)
+        if self.st.default_route == nd.name:  # its addresses and the routes through it go too
+            self.st.default_route = None
+            self.note("route.lost", name=nd.name, pci=nd.pci, addresses=nd.addresses)
         if nd.named:
             self.bus.emit("remove", self._devpath(nd), "net", INTERFACE=nd.name,
                           IFINDEX=str(nd.ifindex))
@@ -148,7 +152,7 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin):
         if nd is None or nd.named:
             return
         old, old_path = nd.name, self._devpath(nd)
-        if self.st.netdev_by_name(nd.final_name) is None:
+        if self.st.netdev_by_any_name(nd.final_name) is None:  # else udev's rename fails: EEXIST
             self.st.rename_netdev(nd, nd.final_name)
             self.tree.rename_netdev(nd, old)
         nd.named = True

@@ -99,6 +99,8 @@ class ModulesMixin:
         self._insert(name, version, self.sc.installed_srcversion(name),
                      list(self.catalog_deps(name, version)))
         self._modules_changed()
+        if name == "mlx5_core":  # the driver probes the PFs it finds: their netdevs come back
+            self._bring_up_pfs()
         return [*loaded, name]
 
     def peermem_error(self: SimKernel) -> tuple[KernelError, str] | None:

@@ -81,7 +81,7 @@ class NetlinkMixin:
     """rtnetlink operations of SimKernel."""
 
     def _netdev(self: SimKernel, name: str) -> Netdev:
-        nd = self.st.netdev_by_name(name)
+        nd = self.st.netdev_by_any_name(name)
         if nd is None:
             raise KernelError(errno.ENODEV, f"Cannot find device \"{name}\"")
         return nd
@@ -97,10 +97,11 @@ class NetlinkMixin:
         pf = self.st.pfs.get(nd.pci)
         return {"ifindex": nd.ifindex, "name": nd.name, "mtu": nd.mtu, "up": nd.up,
                 "address": nd.address, "link_type": nd.link_type,
-                "num_vf": len(pf.vfs) if pf and pf.netdev == nd.ifindex else 0}
+                "num_vf": len(pf.vfs) if pf and pf.netdev == nd.ifindex else 0,
+                "altnames": list(nd.altnames)}
 
     def nl_link(self: SimKernel, name: str) -> dict[str, Any] | None:
-        nd = self.st.netdev_by_name(name)
+        nd = self.st.netdev_by_any_name(name)  # a name or an altname, as the kernel resolves it
         return self.link_info(nd) if nd else None
 
     def nl_links(self: SimKernel) -> list[dict[str, Any]]:
@@ -164,8 +165,11 @@ class NetlinkMixin:
         if new_name is not None and new_name != nd.name:
             if not IFNAME_RE.match(str(new_name)):
                 raise KernelError(errno.EINVAL, f"invalid interface name {new_name!r}")
-            if self.st.netdev_by_name(new_name):
-                raise KernelError(errno.EEXIST, f"a netdev named {new_name} exists")
+            holder = self.st.netdev_by_any_name(new_name)
+            if holder is not None:  # a name or an altname of any netdev, this one too
+                raise KernelError(errno.EEXIST, f"{new_name} is taken: "
+                                  + ("a netdev has that name" if holder.name == new_name else
+                                     f"an alternative name of {holder.name}"))
             if nd.up and up is not False:
                 raise KernelError(errno.EBUSY, f"{name} is up: bring it down to rename it")
         was = {"mtu": nd.mtu, "up": nd.up, "address": nd.address, "name": nd.name}
@@ -178,7 +182,12 @@ class NetlinkMixin:
         if new_name is not None and new_name != nd.name:
             old = nd.name
             self.st.rename_netdev(nd, new_name)
-            nd.final_name = new_name
+            if self.st.default_route == old:
+                self.st.default_route = new_name
+            if nd.named and old == nd.final_name:  # renamed away from the name udev gave it:
+                nd.altnames.append(old)  # udev's altname policy keeps that name as an altname
+            elif not nd.named:
+                nd.final_name = new_name  # named before udev got to it: udev leaves it so
             self.tree.rename_netdev(nd, old)
             self.bus.emit("move", f"/{self.tree.dev_dir(nd.pci).relative_to(self.tree.sys)}/net/"
                           f"{new_name}", "net", INTERFACE=new_name, IFINDEX=str(nd.ifindex),
@@ -190,4 +199,13 @@ class NetlinkMixin:
         self.note("link.set", name=nd.name, pci=nd.pci,
                   changed={k: v for k, v in now.items() if was[k] != v})
         self.tree.netdev_state(nd)
+        self.dirty = True
+
+    def nl_del_altname(self: SimKernel, name: str, altname: str) -> None:
+        """RTM_DELLINKPROP: `ip link property del dev NAME altname ALTNAME`."""
+        nd = self._netdev(name)
+        if altname not in nd.altnames:
+            raise KernelError(errno.ENOENT, f"{nd.name} has no alternative name {altname}")
+        nd.altnames.remove(altname)
+        self.note("link.altname_deleted", name=nd.name, pci=nd.pci, altname=altname)
         self.dirty = True

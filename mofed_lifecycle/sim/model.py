@@ -15,6 +15,7 @@ from typing import Any
 from ..host.netlink_types import ZERO_GUID, ZERO_MAC
 from .scenario import (
     INBOX,
+    FwSpec,
     PfSpec,
     Scenario,
     deps_for,
@@ -43,7 +44,7 @@ class Module:
 class Netdev:
     ifindex: int
     name: str  # the name now (kernel name until udev renames it)
-    final_name: str  # the name udev gives it
+    final_name: str  # the name udev gives (or gave) it
     pci: str  # the PCI function it belongs to
     link_type: int
     mtu: int
@@ -53,6 +54,8 @@ class Netdev:
     node_guid: str | None = None
     port_guid: str | None = None
     port_name: str | None = None  # phys_port_name: "p0" for a PF, "pf0vf3" for a representor
+    altnames: list[str] = field(default_factory=list)  # alternative names (IFLA_ALT_IFNAME)
+    addresses: list[str] = field(default_factory=list)  # IP addresses (CIDR): gone with the netdev
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Pf:
     vf_offset: int = 2  # sriov_offset (see scenario.vf_offsets)
     rep_name: str = "{pf}_{vf}"
     reps: dict[str, int] = field(default_factory=dict)  # VF index -> representor ifindex
+    fw: dict[str, Any] = field(default_factory=dict)  # num_of_vfs, next_boot_num_of_vfs, sriov_en
 
     def vf_final_name(self, index: int) -> str:
         return self.vf_name.format(vf=index, pf=self.name)
@@ -110,6 +114,7 @@ class KernelState:
     uevent_seqnum: int = 0
     openibd_restarts: int = 0
     peermem_loads: int = 0
+    default_route: str | None = None  # the netdev the default route goes through, if any
 
     def __post_init__(self) -> None:
         self._by_name: dict[str, int] = {n.name: i for i, n in self.netdevs.items()}
@@ -136,6 +141,13 @@ class KernelState:
     def netdev_by_name(self, name: str) -> Netdev | None:
         nd = self.netdevs.get(self._by_name.get(name, -1))
         return nd if nd is not None and nd.name == name else None
+
+    def netdev_by_any_name(self, name: str) -> Netdev | None:
+        """The netdev whose name or alternative name is `name`, as the kernel resolves a name."""
+        nd = self.netdev_by_name(name)
+        if nd is None:
+            nd = next((n for n in self.netdevs.values() if name in n.altnames), None)
+        return nd
 
     # Every change of the netdev table goes through these three, which keep the name index.
     def put_netdev(self, nd: Netdev) -> None:
@@ -200,10 +212,14 @@ def initial_state(sc: Scenario) -> KernelState:
         st.modules["nvidia_peermem"] = Module("nvidia_peermem", srcversion, "nvidia", uses,
                                               users=sc.gpu.peermem_users)
     for spec in sc.pfs:
+        fw = spec.fw or FwSpec(spec.totalvfs, spec.totalvfs)
         pf = Pf(pci=spec.pci, name=spec.name, link=spec.link, link_type=spec.link_type,
-                mac=spec.mac, totalvfs=spec.totalvfs, vf_name=spec.vf_name, eswitch=spec.eswitch,
+                mac=spec.mac, vf_name=spec.vf_name, eswitch=spec.eswitch,
+                # sriov_totalvfs is what the firmware allows now (NUM_OF_VFS, SRIOV_EN)
+                totalvfs=min(spec.totalvfs, fw.num_of_vfs) if fw.sriov_en else 0,
                 default_mtu=2044 if spec.link == "ib" else 1500, vf_offset=spec.vf_offset,
-                rep_name=spec.rep_name)
+                rep_name=spec.rep_name, fw={"num_of_vfs": fw.num_of_vfs, "next_boot_num_of_vfs":
+                                            fw.next_boot_num_of_vfs, "sriov_en": fw.sriov_en})
         st.pfs[spec.pci] = pf
         address = (spec.mac if spec.link == "eth"  # an IPoIB PF: 20-byte address, as on reload
                    else ipoib_address(derived_guid(sc.seed, spec.pci, "pf", "port")))
@@ -225,6 +241,11 @@ def initial_state(sc: Scenario) -> KernelState:
                                  v.mac or ipoib_address(v.port_guid or ZERO_GUID))
                 st.netdevs[nd].node_guid, st.netdevs[nd].port_guid = v.node_guid, v.port_guid
                 vf.netdev = nd
+    route = sc.host.default_route
+    st.default_route = route
+    uplink = st.netdev_by_name(route) if route else None
+    if uplink is not None:
+        uplink.addresses = list(sc.host.uplink_addresses)
     return st
 
 

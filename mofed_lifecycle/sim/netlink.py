@@ -16,6 +16,10 @@ from ..host.netlink_types import (
 from .client import KernelClient, PerThreadClient, SimKernelError
 
 
+def _info(d: dict[str, object]) -> LinkInfo:
+    return LinkInfo(**{**d, "altnames": tuple(d.get("altnames") or ())})  # type: ignore[arg-type]
+
+
 class SimNetlink:
     """Same interface and errors as `host.netlink.PyrouteNetlink`, on a simulated node."""
 
@@ -30,10 +34,10 @@ class SimNetlink:
 
     def link(self, name: str) -> LinkInfo | None:
         d = self._call(f"get {name}", "nl_link", name=name)
-        return LinkInfo(**d) if d else None
+        return _info(d) if d else None
 
     def links(self) -> list[LinkInfo]:
-        return [LinkInfo(**d) for d in self._call("list links", "nl_links")]
+        return [_info(d) for d in self._call("list links", "nl_links")]
 
     def vfs(self, pf: str) -> list[VfSettings]:
         return [VfSettings(**d) for d in self._call(f"list VFs of {pf}", "nl_vfs", pf=pf)]
@@ -51,6 +55,10 @@ class SimNetlink:
     def set_link(self, name: str, change: LinkChange) -> None:
         fields = {k: v for k, v in asdict(change).items() if v is not None and k != "extra"}
         self._call(f"set {fields} on {name}", "nl_set_link", name=name, change=fields)
+
+    def del_altname(self, name: str, altname: str) -> None:
+        self._call(f"delete altname {altname} of {name}", "nl_del_altname", name=name,
+                   altname=altname)
 
     def close(self) -> None:
         """The client belongs to the node; it is closed with it."""

@@ -142,6 +142,21 @@ class VfSpec:
 
 
 @dataclass(frozen=True)
+class HostSpec:
+    iommu: str = "passthrough"
+    gpus: int = 0
+    default_route: str | None = None  # the netdev carrying the default route, if any
+    uplink_addresses: tuple[str, ...] = ()  # addresses on it (CIDR)
+
+
+@dataclass(frozen=True)
+class FwSpec:
+    num_of_vfs: int
+    next_boot_num_of_vfs: int
+    sriov_en: bool = True
+
+
+@dataclass(frozen=True)
 class PfSpec:
     pci: str
     name: str
@@ -156,6 +171,7 @@ class PfSpec:
     vfs: tuple[VfSpec, ...]
     vf_offset: int = 2  # sriov_offset: first VF's routing ID - the PF's (stride is 1)
     rep_name: str = "{pf}_{vf}"  # udev's name for VF representors (switchdev)
+    fw: FwSpec | None = None  # the firmware's VF configuration (None: allows totalvfs)
 
     @property
     def link_type(self) -> int:
@@ -197,6 +213,7 @@ class Scenario:
     late_vfs: dict[int, float]
     pfs: tuple[PfSpec, ...]
     gpu: GpuSpec | None
+    host: HostSpec = field(default_factory=HostSpec)
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def scaled(self, seconds: float) -> float:

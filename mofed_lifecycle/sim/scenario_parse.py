@@ -29,6 +29,7 @@ from .scenario import (
     derived_mac,
     vf_pci,
 )
+from .scenario_host import parse_fw, parse_host
 
 
 class _Reader:
@@ -58,8 +59,8 @@ class _Reader:
 
 
 # Every key the contract defines, per table: anything else is a misspelling, refused by name.
-# ([host], [build], [udev] probe_parallel/blacklist_lag_s and [[pf]] fw are the contract's
-# version-2 additions, accepted here so that scenarios written to it load.)
+# ([build] and [udev] probe_parallel/blacklist_lag_s are the contract's version-2 additions,
+# accepted here so that scenarios written to it load; [host] and fw: scenario_host.py.)
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"node", "driver", "env", "udev", "pf", "gpu", "host", "build"}),
     "node": frozenset({"name", "kernel", "time_scale", "seed"}),
@@ -208,6 +209,7 @@ def _pf(where: str, raw: Any, seed: int, vf_offset: int = 2) -> PfSpec:
         mac=derived_mac(seed, pci, "pf"),
         vfs=tuple(vfs),
         vf_offset=vf_offset,
+        fw=parse_fw(f"{where}.fw", raw.get("fw"), numvfs, totalvfs),
     )
 
 
@@ -336,6 +338,7 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
         late_vfs={int(k): float(v) for k, v in late.items()},
         pfs=pfs,
         gpu=gpu,
+        host=parse_host(f"{where}: [host]", data.get("host")),
         source=data,
     )
 

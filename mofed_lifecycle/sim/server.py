@@ -87,6 +87,9 @@ class KernelServer:
             "nl_set_vfs": lambda: [k.nl_set_vf(args["pf"], int(vf), change)
                                    for vf, change in args["infos"]],
             "nl_set_link": lambda: k.nl_set_link(args["name"], args["change"]),
+            "nl_del_altname": lambda: k.nl_del_altname(args["name"], args["altname"]),
+            "set_default_route": lambda: k.set_default_route(args["dev"]),
+            "set_fw": lambda: k.set_fw(args["pf"], int(args["next_boot_num_of_vfs"])),
             "modprobe": lambda: [x for n in args["names"] for x in
                                  k.load_module(n, use_blacklist=args.get("blacklist", False))],
             "modprobe_remove": lambda: [x for n in args["names"] for x in k.remove_module(n)],

@@ -60,6 +60,7 @@ def ground_truth(st: KernelState, root: Path) -> dict[str, Any]:
             "mtu": pnd.mtu if pnd else None, "up": pnd.up if pnd else None,
             "mac": pnd.address if pnd else None, "eswitch": pf.eswitch,
             "numvfs": len(pf.vfs), "autoprobe": pf.autoprobe, "vfs": vfs,
+            "addresses": list(pnd.addresses) if pnd else [], "fw": dict(pf.fw),
             "representors": {i: {"name": r.name, "mtu": r.mtu, "up": r.up}
                              for i, r in ((i, st.netdevs[x]) for i, x in sorted(
                                  pf.reps.items(), key=lambda kv: int(kv[0])))},
@@ -72,5 +73,8 @@ def ground_truth(st: KernelState, root: Path) -> dict[str, Any]:
         "blacklist_files": blacklist_files(root),
         "markers": {m: (root / m).exists() for m in MARKERS},
         "pfs": pfs,
+        "default_route": st.default_route,
+        "altnames": {nd.name: list(nd.altnames) for nd in sorted(
+            st.netdevs.values(), key=lambda n: n.name) if nd.altnames},
         "pending_events": len(st.pending),
     }

@@ -26,6 +26,23 @@ def temp_name(pf: PfSnapshot, index: int) -> str:
     return f"rtmp{pf.pci.rsplit('.', 1)[1]}x{index}"  # at most 11 characters
 
 
+def rename_representor(r: Restorer, pf: PfSnapshot, old: str, new: str) -> None:
+    """Rename `old` to `new`, down. udev keeps a name it gave as an alternative name once the
+    netdev is renamed away from it, and the kernel refuses (EEXIST) a rename to any netdev's
+    altname: if `new` is an altname of one of this PF's representors, it is removed first."""
+    holder = r.node.netlink.link(new)  # resolves a name or an altname
+    if holder is not None and holder.name != new and new in holder.altnames:
+        ours = set(representors(r.paths, pf.pci).values())
+        if holder.name not in ours:
+            raise RuntimeError(
+                f"cannot name representor {old} {new}: {new} is an alternative name of "
+                f"{holder.name}, which is not a representor of {pf.pci}; remove it (ip link "
+                f"property del dev {holder.name} altname {new}) and restart")
+        r.node.netlink.del_altname(holder.name, new)
+        r.log.info("restore.altname_removed", pf=pf.pci, netdev=holder.name, altname=new)
+    r.node.netlink.set_link(old, LinkChange(name=new, up=False))
+
+
 def restore_representors(r: Restorer, pf: PfSnapshot, events: queue.Queue[NetdevEvent], *,
                          switched: bool) -> None:
     wanted = {rep.index: rep for rep in pf.representors}
@@ -51,8 +68,7 @@ def restore_representors(r: Restorer, pf: PfSnapshot, events: queue.Queue[Netdev
     plan = rename_plan(current, {i: rep.name for i, rep in wanted.items()},
                        lambda i: temp_name(pf, i))
     for old, new in plan:
-        r.retrying(f"rename {old} to {new}", r.node.netlink.set_link, old,
-                   LinkChange(name=new, up=False))
+        r.retrying(f"rename {old} to {new}", rename_representor, r, pf, old, new)
     for rep in wanted.values():
         link = r.node.netlink.link(rep.name)
         if link is None:
