@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set", help="change the node as an operator or a failure would (modules, route, firmware)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Change the node at DIR at once, between or during runs. WHAT is one of:\n"
-                    + "".join(f"  {w} {a:<26} {d}\n" for w, (a, d) in SET_ACTIONS.items())
+                    + "".join(f"  {w + ' ' + a:<34} {d}\n" for w, (a, d) in SET_ACTIONS.items())
                     + "Example: sim set --root DIR module-unload nvme_rdma")
     ss.add_argument("--root", required=True, type=_root)
     ss.add_argument("what", metavar="WHAT", nargs="+")

@@ -9,7 +9,8 @@ files, one `modinfo` per module), so a probe's timeoutSeconds of 10 is ample.
   or a partial restore the daemon was told to accept with READY_ON_PARTIAL_RESTORE=true).
   `lsmod | grep mlx5_core` passes on the inbox driver; this does not.
 - live: the daemon's heartbeat is fresh (younger than `--max-age`, default 3 heartbeat intervals),
-  it has not exited, and its current step is not past its budget (a hung step).
+  it has not exited, and its current step is not past its budget (a hung step). A daemon that holds
+  the run lock but has not beaten yet (the heartbeat absent, or a predecessor's) is "starting".
 - startup: the marker is set, or the daemon is up and progressing (live passes). Once it passes,
   kubelet hands over to the liveness and readiness probes.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from .config import Config
 from .heartbeat import read_heartbeat
@@ -86,12 +89,18 @@ def probe_live(root: Path, config: Config, max_age_s: float | None = None,
     jdir = journal_dir(paths, config)
     beat = read_heartbeat(jdir)
     if beat is None or not isinstance(beat.get("at"), int | float):
-        return ProbeResult(False, f"no heartbeat in {jdir}: the daemon has not started")
+        starting = _starting(paths, config, None)
+        return starting or ProbeResult(False, f"no heartbeat in {jdir}: the daemon has not "
+                                              "started")
     now = time.time() if now is None else now
     interval = float(beat.get("interval_s") or config.heartbeat_interval_s)
     limit = max_age_s if max_age_s is not None else 3 * interval
     age = now - beat["at"]
     state = beat.get("state")
+    if not beat.get("running", True) or age > limit:  # a predecessor's: a new one may be starting
+        starting = _starting(paths, config, beat.get("pid"))
+        if starting is not None:
+            return starting
     if not beat.get("running", True):
         return ProbeResult(False, f"the daemon exited (last state {state}, {age:.0f}s ago)")
     if age > limit:
@@ -102,6 +111,28 @@ def probe_live(root: Path, config: Config, max_age_s: float | None = None,
         return ProbeResult(False, f"state {state} for {in_state:.0f}s, past its budget of "
                                   f"{beat.get('state_budget_s'):g}s: the step looks hung")
     return ProbeResult(True, f"heartbeat {age:.1f}s ago; state {state} for {in_state:.1f}s")
+
+
+def lock_holder(paths: NodePaths, config: Config) -> int | None:
+    """The PID of the live `mofed-lifecycle` process that holds the run lock, if any (read from
+    the lock file, never by taking the lock: a probe must not make a starting daemon fail)."""
+    lock = paths.resolve(config.lock_file_path)
+    try:
+        pid = int(lock.read_text().split()[0])
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    return pid if "mofed-lifecycle" in cmdline or "mofed_lifecycle" in cmdline else None
+
+
+def _starting(paths: NodePaths, config: Config, beat_pid: object) -> ProbeResult | None:
+    """A daemon that holds the lock but has not beaten yet (the heartbeat is absent or a
+    predecessor's): alive, starting."""
+    pid = lock_holder(paths, config)
+    if pid is None or pid == beat_pid:
+        return None
+    return ProbeResult(True, f"the daemon (pid {pid}) is starting: it holds the lock, its first "
+                             "heartbeat is due")
 
 
 def probe_startup(root: Path, config: Config, max_age_s: float | None = None) -> ProbeResult:

@@ -324,3 +324,20 @@ def test_status_after_a_once_exit_does_not_claim_a_running_daemon(make_node):
                                     "--root", str(root), "--json"], env=env,
                                    capture_output=True, text=True, timeout=60).stdout)
     assert st["running"] is False and st["vfs"]["restored"] is None  # nothing restored this run
+
+
+def test_a_vf_with_an_explicit_all_zero_mac_gets_a_random_netdev_mac_and_counts_restored(tmp_path):
+    """Item 8: mlx5 gives a VF whose admin MAC is all zero a random netdev MAC at every probe;
+    that VF is restored when everything else is as it was (its netdev MAC cannot be)."""
+    from .test_lifecycle import sim_run
+
+    path = tmp_path / "zero-mac.toml"
+    path.write_text(PARTIAL.replace("late_vfs = { 2 = 3000.0 }", "") % ""
+                    + 'vf.2 = { mac = "00:00:00:00:00:00", vlan = 3 }\n')
+    doc = sim_run(path, tmp_path)
+    before = doc["state_before"]["pfs"]["0000:08:00.0"]["vfs"]["2"]
+    after = doc["state_after"]["pfs"]["0000:08:00.0"]["vfs"]["2"]
+    assert before["mac"] == after["mac"] == "00:00:00:00:00:00" and after["vlan"] == 3
+    assert after["netdev_mac"] not in (None, "00:00:00:00:00:00", before["netdev_mac"])
+    assert int(after["netdev_mac"][:2], 16) & 3 == 2  # locally administered unicast
+    assert doc["outcome"] == "ready" and doc["vfs"]["restored"] == doc["vfs"]["total"] == 3

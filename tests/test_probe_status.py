@@ -162,3 +162,39 @@ def test_metrics_path_must_be_a_prom_file():
     else:
         raise AssertionError("a non-.prom metrics path was accepted")
     assert load_config({}, require_driver_version=False).metrics_textfile == ""
+
+
+def test_live_knows_the_state_from_the_first_beat_and_a_starting_daemon_is_not_a_dead_one(tiny):
+    """Item 7: `probe live` right after a (re)start: the first beat names the state; before it,
+    a daemon that holds the lock is "starting", not "exited" (a predecessor's last beat)."""
+    root, _k = tiny
+    beat_path = root / JDIR / HEARTBEAT_FILE
+    beat_path.parent.mkdir(parents=True, exist_ok=True)
+    beat_path.write_text(json.dumps({"pid": 1, "running": False, "at": time.time() - 30,
+                                     "state": "stopped", "interval_s": 10}))
+    assert "exited" in probe_live(root, CONFIG).message  # a predecessor's, nobody holds the lock
+    # a process holding the run lock (as `run` does before its first beat)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from mofed_lifecycle.host.files import InstanceLock; "
+         "InstanceLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)",
+         str(root / "run/mellanox/drivers/.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        starting = cli(root, "probe", "live")
+        assert starting.returncode == 0 and f"pid {holder.pid}) is starting" in starting.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not probe_live(root, CONFIG).ok  # the holder died: no daemon at all
+    proc = lifecycle(root, env={"HEARTBEAT_INTERVAL_SEC": "30"}, wait=False)
+    try:
+        wait_for(lambda: json.loads(beat_path.read_text())["pid"] == proc.pid, "the first beat")
+        first = json.loads(beat_path.read_text())
+        assert first["running"] and first["state"]  # "lock" at least, never null
+        live = probe_live(root, CONFIG)
+        assert live.ok and "state None" not in live.message, live.message
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()

@@ -342,3 +342,52 @@ def test_a_refused_field_stops_the_vf_info_and_keeps_what_came_before(tiny):
                                                [3, {"vlan": 30}]])
     vfs = k.call("state")["pfs"][PF]["vfs"]
     assert (vfs["0"]["vlan"], vfs["1"]["qos"], vfs["3"]["vlan"]) == (10, 3, 900)
+
+
+# ---- the kernel process itself: it never outlives its node ---------------------------------------
+
+
+def kernel_process(k: KernelClient) -> psutil.Process:
+    return psutil.Process(k.call("ping")["pid"])
+
+
+def test_sigterm_stops_the_kernel_process_promptly_with_a_subscriber_connected(tiny):
+    root, k = tiny
+    proc = kernel_process(k)
+    listener = KernelClient(root)
+    listener.subscribe()  # a daemon waiting for udev events keeps this connection open
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        listener.close()
+    assert not (root / ".sim/kernel.sock").exists()
+
+
+def test_the_kernel_process_exits_when_its_directory_is_deleted(make_node):
+    root, k = make_node(SCENARIOS / "tiny-eth.toml", "doomed")
+    proc = kernel_process(k)
+    k.close()
+    import shutil
+
+    shutil.rmtree(root)
+    proc.wait(timeout=10)  # checked every second, whatever is connected or pending
+    assert not proc.is_running()
+
+
+def test_the_kernel_process_exits_when_idle_even_with_events_due_much_later(make_node,
+                                                                              monkeypatch):
+    monkeypatch.setenv("MOFED_SIM_IDLE_EXIT_S", "1")  # inherited by the kernel process it starts
+    root, k = make_node((SCENARIOS / "tiny-eth.toml").read_text().replace(
+        "late_vfs = { 3 = 6.0 }", "late_vfs = { 3 = 100000.0 }"), "idle")
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="4")
+    assert k.call("state")["pending_events"] > 0
+    proc = kernel_process(k)
+    k.close()
+    proc.wait(timeout=15)
+    k2 = KernelClient(root)  # a new process catches up; the late VF's netdev is still owed
+    try:
+        assert k2.call("state")["pending_events"] > 0
+    finally:
+        k2.close()

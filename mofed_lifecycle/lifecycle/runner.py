@@ -69,8 +69,10 @@ class Runner(Steps):
         self.telemetry.stop_requested(self.in_critical())
 
     @property
-    def state_name(self) -> str | None:
-        return str(self.journal.state) if self.journal.state else None
+    def state_name(self) -> str:
+        """The current state; "lock" until the first is entered (the heartbeat and a signal can
+        come that early: the lock is what the process is taking or holds)."""
+        return str(self.journal.state or State.LOCK)
 
     def in_critical(self) -> bool:
         return self.journal.state in CRITICAL

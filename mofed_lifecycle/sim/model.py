@@ -237,8 +237,10 @@ def initial_state(sc: Scenario) -> KernelState:
             vf = Vf(index=v.index, pci=v.pci, driver=driver, admin=_vf_admin(spec, v))
             pf.vfs.append(vf)
             if driver == "mlx5_core":
+                # an all-zero admin MAC: mlx5 gives the netdev a random one at probe
+                mac = derived_mac(sc.seed, v.pci, "bind0") if v.mac == ZERO_MAC else v.mac
                 nd = _add_netdev(st, pf.vf_final_name(v.index), v.pci, spec.link_type, v.mtu, v.up,
-                                 v.mac or ipoib_address(v.port_guid or ZERO_GUID))
+                                 mac or ipoib_address(v.port_guid or ZERO_GUID))
                 st.netdevs[nd].node_guid, st.netdevs[nd].port_guid = v.node_guid, v.port_guid
                 vf.netdev = nd
     route = sc.host.default_route

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..host.netlink_types import ZERO_MAC
 from .peermem_report import peermem_lines, peermem_rows
 
 # Kernel events that move a VF towards its old state; the last one on a restored VF ends restore.
@@ -24,8 +25,10 @@ VF_GONE_EVENTS = frozenset({"netdev.removed", "pci.unbound"})
 
 
 def vf_entries(state: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """(PF PCI, VF index) -> the VF's ground-truth entry."""
-    return {(pf_pci, int(idx)): entry
+    """(PF PCI, VF index) -> the VF's ground-truth entry, as compared: a VF whose admin MAC is all
+    zero gets a random netdev MAC at every probe (mlx5), so its netdev MAC is not compared."""
+    return {(pf_pci, int(idx)): ({k: v for k, v in entry.items() if k != "netdev_mac"}
+                                 if entry.get("mac") == ZERO_MAC else entry)
             for pf_pci, pf in (state.get("pfs") or {}).items()
             for idx, entry in (pf.get("vfs") or {}).items()}
 

@@ -44,6 +44,8 @@ class KernelServer:
         self.settled_waiters: list[asyncio.Future[None]] = []
         self.stop = asyncio.Event()
         self.persist_every_s = PERSIST_DEBOUNCE_S
+        self.simdir_ino = self.simdir.stat().st_ino
+        self.orphaned = False  # the node's directory is gone: exit without saving
 
     # ---- time and persistence ----------------------------------------------------------------
     def tick(self) -> None:
@@ -67,7 +69,12 @@ class KernelServer:
         self.persist_handle = None
         if self.k.dirty:
             start = time.monotonic()
-            save_state(self.k.st, self.simdir / "kernel.json")
+            try:
+                save_state(self.k.st, self.simdir / "kernel.json")
+            except OSError:
+                if self.node_gone():  # the idle watch says why and stops within a second
+                    return
+                raise
             self.k.dirty = False
             took = time.monotonic() - start
             self.persist_every_s = max(PERSIST_DEBOUNCE_S, took / PERSIST_DUTY)
@@ -163,11 +170,26 @@ class KernelServer:
         finally:
             self.k.bus.subscribers.remove(queue.put_nowait)
 
+    def node_gone(self) -> str | None:
+        """Why this process no longer serves a node: its directory was deleted (or replaced by a
+        new node's, `sim init --force`)."""
+        try:
+            ino = self.simdir.stat().st_ino
+        except OSError:
+            return "its directory was deleted"
+        return None if ino == self.simdir_ino else "its directory was replaced by a new node's"
+
     async def idle_watch(self) -> None:
+        """Exit when the node is gone, or when no client has been connected for the idle time
+        (events still pending are not a reason to stay: a later kernel process catches up)."""
         while not self.stop.is_set():
             await asyncio.sleep(1.0)  # sleep-ok: idle check period of the simulator process
-            idle = time.monotonic() - self.last_activity
-            if not self.clients and self.k.next_due() is None and idle > self.idle_exit_s:
+            gone = self.node_gone()
+            if gone:
+                print(f"simulated kernel {os.getpid()}: exiting, {gone}", file=sys.stderr)
+                self.orphaned = True
+                self.stop.set()
+            elif not self.clients and time.monotonic() - self.last_activity > self.idle_exit_s:
                 self.stop.set()
 
     async def serve(self) -> None:
@@ -183,6 +205,8 @@ class KernelServer:
         async with server:
             await self.stop.wait()
         watcher.cancel()
+        if self.orphaned:
+            return
         sock.unlink(missing_ok=True)
         self.k.dirty = True
         self.persist()
