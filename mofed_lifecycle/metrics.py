@@ -84,6 +84,9 @@ class Metrics:
                            "seconds the last visit of each state took", ["phase"], registry=r)
         self.vfs_restored = Gauge(PREFIX + "_vfs_restored", "VFs the last restore brought back",
                                   registry=r)
+        self.not_reloaded = Gauge(PREFIX + "_modules_not_reloaded",
+                                  "Modules a swap unloaded and could not load back (by name)",
+                                  ["module"], registry=r)
         self.vfs_failed = Gauge(PREFIX + "_vfs_failed", "VFs the last restore could not restore",
                                 registry=r)
         self.last_error = Info(PREFIX + "_last_error", "the last error (empty when none)",
@@ -116,6 +119,9 @@ class Metrics:
         if isinstance(restore, dict):
             self.vfs_restored.set(int(restore.get("restored", 0)))
             self.vfs_failed.set(len(restore.get("failed") or {}))
+        self.not_reloaded.clear()
+        for module in facts.get("not_reloaded") or []:
+            self.not_reloaded.labels(module).set(1)
         self.last_error.info({"error": str(facts.get("last_error") or "")})
         self.write()
 

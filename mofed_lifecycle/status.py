@@ -125,6 +125,9 @@ def gather(root: Path, config: Config, *, now: float | None = None) -> dict[str,
         "reason": facts.get("reason"),
         "last_error": facts.get("last_error"),
         "decision": facts.get("decision_text"),
+        # unloaded for a swap and not loaded back: still missing now (an operator may have since)
+        "modules_not_reloaded": [m for m in facts.get("not_reloaded") or []
+                                 if not paths.module(m).exists()],
         "stop_budget_s": stop_budget_s(config),
         "journal_dir": str(jdir),
     }
@@ -191,6 +194,9 @@ def format_status(st: dict[str, Any]) -> str:
                                     + (", OVERDUE (step looks hung)" if hb["overdue"] else "")))
     lines.append(f"reason       {st['reason'] or '-'}")
     lines.append(f"last error   {st['last_error'] or '-'}")
+    if st["modules_not_reloaded"]:
+        lines.append(f"NOT LOADED   {', '.join(st['modules_not_reloaded'])} (unloaded for the "
+                     "swap, could not be loaded back: modprobe NAME)")
     lines.append(f"stop budget  {st['stop_budget_s']:g}s (terminationGracePeriodSeconds, "
                  "TimeoutStopSec= at least this)")
     return "\n".join(lines)

@@ -341,3 +341,38 @@ def test_a_vf_with_an_explicit_all_zero_mac_gets_a_random_netdev_mac_and_counts_
     assert after["netdev_mac"] not in (None, "00:00:00:00:00:00", before["netdev_mac"])
     assert int(after["netdev_mac"][:2], 16) & 3 == 2  # locally administered unicast
     assert doc["outcome"] == "ready" and doc["vfs"]["restored"] == doc["vfs"]["total"] == 3
+
+
+def test_a_swap_that_failed_before_openibd_unloaded_anything_never_rewrites_the_live_vfs(
+        make_node):
+    """Review finding: after a failed swap the VFs are restored only where the reload destroyed
+    them. Here openibd keeps failing "in use" before unloading anything: the PF keeps its netdev
+    (same ifindex), so a VLAN an administrator set during the retries is never reverted."""
+    text = STORAGE.replace("openibd_restart_s = 20", "openibd_restart_s = 20\nopenibd_failures = 9")
+    root, k = make_node(text, "busy")
+    before = {m: v["srcversion"] for m, v in k.call("state")["modules"].items()}
+    proc = lifecycle(root, "--once", env={"UNLOAD_STORAGE_MODULES": "1", "OPENIBD_ATTEMPTS": "4"},
+                     wait=False)
+    try:
+        wait_for(lambda: (root / JOURNAL).exists()
+                 and json.loads((root / JOURNAL).read_text()).get("state") == "reload",
+                 "the reload to be retried")
+        admin = sim("set-vf", "--root", str(root), "0000:18:00.0", "1", "vlan=900")
+        assert admin.returncode == 0, admin.stderr
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    st = k.call("state")
+    assert vf(k, "0000:18:00.0", 1)["vlan"] == 900  # the administrator's change stands
+    assert reloads(root) == 0 and st["pfs"]["0000:18:00.0"]["numvfs"] == 2
+    evs = events(err)
+    assert any(e["event"] == "restore.pf_untouched" for e in evs)
+    assert not any(e["event"] == "vf.set" for e in jsonl(root / ".sim/timeline.jsonl")
+                   if e.get("changed", {}).get("vlan") == 0)
+    assert next(e for e in evs if e["event"] == "swap.unwound")["not_reloaded"] == []
+    # the holders unloaded for the swap came back from the host's tree (the installed build
+    # does not fit the old stack that is still loaded): the very builds that were loaded
+    assert {m: v["srcversion"] for m, v in st["modules"].items()} == before
+    assert {e["module"] for e in evs if e["event"] == "module.loaded_from_host"} == {
+        "nvme_rdma", "mlx5_fwctl"}

@@ -198,3 +198,34 @@ def test_live_knows_the_state_from_the_first_beat_and_a_starting_daemon_is_not_a
         proc.communicate(timeout=30)
     finally:
         proc.kill()
+
+
+def test_modules_a_swap_could_not_load_back_are_named_in_status_and_metrics(make_node, tmp_path):
+    from mofed_lifecycle.metrics import Metrics
+
+    from .test_lifecycle import STORAGE
+    from .test_no_harm import sim
+
+    root, _k = make_node(STORAGE.replace('loaded_version = "24.10-1.1.4"',
+                                         'loaded_version = "25.07-0.9.7"'), "notloaded")
+    assert sim("set", "--root", str(root), "module-unload", "nvme_rdma").returncode == 0
+    journal = root / JDIR / "journal.json"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(json.dumps({"state": "failed", "since": time.time(), "pid": 1,
+                                   "facts": {"not_reloaded": ["nvme_rdma"]}, "history": []}))
+    st = json.loads(cli(root, "status", "--json").stdout)
+    assert st["modules_not_reloaded"] == ["nvme_rdma"]
+    assert "NOT LOADED   nvme_rdma" in cli(root, "status").stdout
+    # an operator loads it by hand: status stops saying it is missing
+    assert sim("set", "--root", str(root), "module-load", "nvme_rdma").returncode == 0
+    assert json.loads(cli(root, "status", "--json").stdout)["modules_not_reloaded"] == []
+    assert "NOT LOADED" not in cli(root, "status").stdout
+
+    prom = tmp_path / "m.prom"
+    m = Metrics(prom, driver_version="25.07-0.9.7")
+    m.entered("failed", time.time(), {"not_reloaded": ["nvme_rdma", "mlx5_fwctl"]})
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples}
+    assert samples[("mofed_lifecycle_modules_not_reloaded", (("module", "nvme_rdma"),))] == 1
+    m.entered("inspect", time.time(), {"not_reloaded": []})
+    assert "modules_not_reloaded{" not in prom.read_text()

@@ -391,3 +391,23 @@ def test_the_kernel_process_exits_when_idle_even_with_events_due_much_later(make
         assert k2.call("state")["pending_events"] > 0
     finally:
         k2.close()
+
+
+def test_a_kernel_process_whose_node_was_rebuilt_at_the_same_path_exits_and_leaves_it(make_node):
+    import shutil
+
+    from mofed_lifecycle.sim.node import init_node
+
+    scenario = SCENARIOS / "tiny-eth.toml"
+    root, k = make_node(scenario, "rebuilt")
+    old = kernel_process(k)
+    k.close()
+    shutil.rmtree(root)
+    init_node(scenario, root)  # same path at once (maybe the same inode): a different node
+    old.wait(timeout=10)
+    k2 = KernelClient(root)
+    try:
+        assert k2.call("ping")["pid"] != old.pid
+        assert k2.call("state")["pfs"][PF]["numvfs"] == 4
+    finally:
+        k2.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from ..lifecycle.preflight import ModuleFacts
 from ..log import get_logger
@@ -118,10 +119,12 @@ def _failed(argv: list[str], r: CommandResult, next_step: str) -> ModuleCommandE
                               argv=argv, returncode=r.returncode, stderr=r.stderr)
 
 
-def modprobe(names: Iterable[str], env: Mapping[str, str], timeout_s: float) -> None:
-    """`modprobe <m>` for each module in turn; the first failure raises ModuleCommandError."""
+def modprobe(names: Iterable[str], env: Mapping[str, str], timeout_s: float,
+             dirname: Path | None = None) -> None:
+    """`modprobe <m>` for each module in turn; the first failure raises ModuleCommandError.
+    `dirname`: load from that root's module tree (`modprobe -d /host`: the host's modules)."""
     for m in names:
-        argv = ["modprobe", m]
+        argv = ["modprobe", *(["-d", str(dirname)] if dirname else []), m]
         step = (f"see `dmesg` for the kernel's reason; check `modinfo {m}` shows the installed "
                 "driver's module (same version as mlx5_core), then retry")
         r = _run(argv, env, timeout_s, f"load {m}")

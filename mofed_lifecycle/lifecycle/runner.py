@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..host.commands import CommandTimeout
 from ..host.files import InstanceLock, LockHeld, remove_file
-from ..host.modules import ModuleCommandError
+from ..host.modules import ModuleCommandError, read_module_facts
 from ..host.node import Node
 from ..log import Transitions, get_logger
 from .decide import Decision
@@ -165,6 +165,11 @@ class Runner(Steps):
             return "the swap is being unwound (modules unloaded for it are loaded back, the " \
                    "blacklist is removed, then the VFs are restored if the driver is loaded)"
         missing = list(self.journal.facts.get("not_reloaded") or [])
+        try:  # still missing now? an operator may have loaded them since
+            loaded = read_module_facts(self.node.paths)
+            missing = [m for m in missing if m not in loaded]
+        except OSError:  # /proc/modules unreadable: say what the journal says
+            pass
         if missing:
             return ("the node is NOT consistent: these modules unloaded for the swap could not "
                     f"be loaded back: {', '.join(missing)} (load them by hand: modprobe NAME)")

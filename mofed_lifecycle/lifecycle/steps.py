@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
@@ -25,9 +26,9 @@ from ..host.modules import (
     read_module_facts,
 )
 from ..peermem.presence import wait_for_peermem_unload
-from ..sriov.model import merge_pending, without_vfs
+from ..sriov.model import merge_pending, untouched_pfs, without_vfs
 from ..sriov.restore import restore
-from ..sriov.snapshot import load_snapshot, save_snapshot, take_snapshot
+from ..sriov.snapshot import load_snapshot, pf_ifindexes, save_snapshot, take_snapshot
 from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
 from .machine import Outcome, State
 from .preflight import plan
@@ -57,6 +58,7 @@ class Steps:
     """State steps of the Runner (see runner.py for the loop, the journal and signals)."""
 
     def step_inspect(self: Runner) -> Outcome:
+        self.swap_failed = False  # a new cycle: a swap that failed earlier was unwound then
         modules = compared_modules(self.config)
         self.facts = read_module_facts(self.node.paths)
         self.loaded = loaded_srcversions(self.node.paths, modules)
@@ -75,8 +77,8 @@ class Steps:
         if self.decision.reload:  # not ready from here on; a watching peermem loader steps aside
             self.clear_marker("a reload is needed")
             return Outcome.RELOAD
-        if self.journal.facts.get("unloaded_for_swap"):  # a predecessor died after unloading
-            self.log.warning("modules.owed", modules=self.journal.facts["unloaded_for_swap"],
+        if self.owed_modules():  # a predecessor died after unloading
+            self.log.warning("modules.owed", modules=self.owed_modules(),
                              why="a previous run was killed after unloading them for its swap")
             self.step_reload_aux()
         return Outcome.NO_RELOAD
@@ -131,12 +133,15 @@ class Steps:
         assert self.preflight is not None
         # written before the first unload: whatever happens next (even SIGKILL: a killed
         # predecessor's list is kept), these are loaded back
-        # openibd unloads the stack itself: what of it was loaded is owed back too (a failed or
-        # killed openibd can leave it unloaded, with every VF gone)
+        # openibd unloads the stack itself: what of it was loaded is owed back too unless openibd
+        # completes (a failed or killed openibd can leave it unloaded, with every VF gone); a
+        # completed openibd's choice (IPOIB_LOAD=no...) is left alone
         stack = [m for m in compared_modules(self.config) if m in self.facts]
         owed = list(self.journal.facts.get("unloaded_for_swap") or [])
-        self.journal.set(unloaded_for_swap=list(dict.fromkeys(
-            [*stack, *self.preflight.reload_after, *owed])), not_reloaded=[])
+        self.journal.set(unloaded_for_swap=list(dict.fromkeys([*self.preflight.reload_after,
+                                                               *owed])),
+                         stack_owed=list(dict.fromkeys([*stack, *self.journal.facts.get(
+                             "stack_owed", [])])), not_reloaded=[])
         if self.preflight.unload:
             modprobe_remove(self.preflight.unload, self.node.env, TOOL_TIMEOUT_S)
         return Outcome.OK
@@ -158,6 +163,7 @@ class Steps:
                     if not r.ok:
                         raise OpenibdFailed(f"openibd restart exited {r.returncode}: "
                                             f"{(r.stderr or r.stdout).strip()[-300:]}")
+            self.journal.set(stack_owed=[])  # openibd loaded the stack it is configured to
         except RetryError as e:
             cause = e.last_attempt.exception()
             raise StepFailed(f"the driver reload failed {attempts} times ({cause}); check what "
@@ -167,31 +173,52 @@ class Steps:
     def step_reload_aux(self: Runner) -> Outcome:
         """Load back every module unloaded for the swap, on success and on failure alike, plus
         the NFS/NVMe RDMA ULPs with ENABLE_NFSRDMA; name whatever could not be loaded."""
-        names = list(self.journal.facts.get("unloaded_for_swap") or [])
-        if self.config.enable_nfsrdma:  # installed ones that are not loaded included
-            names += NFSRDMA_COMPARED
-        failed: list[str] = []
+        owed = self.owed_modules()
+        names = [*owed, *(NFSRDMA_COMPARED if self.config.enable_nfsrdma else ())]
         loaded = read_module_facts(self.node.paths)
         for name in dict.fromkeys(names):
             if name in loaded:  # openibd loaded it back (or a dependency did): nothing to do
                 continue
             try:
-                modprobe([name], self.node.env, TOOL_TIMEOUT_S)
+                self.load_back(name)
             except ModuleCommandError as e:  # the NIC driver may be fine; say what is missing
-                failed.append(name)
-                self.log.error("module.reload_failed", module=name, error=str(e),
-                               next=f"load it by hand: modprobe {name}")
+                if name in owed:  # an NFSRDMA ULP that is not installed is no loss
+                    self.log.error("module.reload_failed", module=name, error=str(e),
+                                   next=f"load it by hand: modprobe {name}")
                 continue
             loaded = read_module_facts(self.node.paths)  # its dependencies came with it
-            self.log.warning("module.loaded_back", module=name, why="unloaded for the swap and "
-                             "not loaded again by it")
-        # NFSRDMA ULPs that are simply not installed are no loss; every module owed is checked
-        loaded = read_module_facts(self.node.paths)
-        missing = [m for m in dict.fromkeys(self.journal.facts.get("unloaded_for_swap") or [])
-                   if m not in loaded]
-        self.journal.set(not_reloaded=sorted(set(missing) | (set(failed) - set(NFSRDMA_COMPARED))),
-                         unloaded_for_swap=[])
+            if name in loaded:
+                self.log.warning("module.loaded_back", module=name,
+                                 why="unloaded for the swap and not loaded again by openibd"
+                                 if name in owed else "ENABLE_NFSRDMA=true")
+        missing = sorted(m for m in owed if m not in loaded)  # checked, not assumed
+        for name in missing:
+            self.log.error("module.not_loaded_back", module=name,
+                           next=f"load it by hand: modprobe {name}; check dmesg")
+        self.journal.set(not_reloaded=missing, unloaded_for_swap=[], stack_owed=[])
         return Outcome.OK
+
+    def load_back(self: Runner, name: str) -> None:
+        """modprobe NAME from the installed driver's tree; if that build does not fit the stack
+        loaded now (a swap that failed before openibd unloaded the old stack), from the host's
+        tree (`modprobe -d /host`), where the modules that were loaded before came from."""
+        try:
+            modprobe([name], self.node.env, TOOL_TIMEOUT_S)
+            return
+        except ModuleCommandError:
+            host = self.node.paths.resolve("/host")
+            if not (host / "lib" / "modules").is_dir():
+                raise
+        modprobe([name], self.node.env, TOOL_TIMEOUT_S, dirname=host)
+        self.log.info("module.loaded_from_host", module=name, tree=str(host),
+                      why="the installed driver's build does not fit the stack loaded now")
+
+    def owed_modules(self: Runner) -> list[str]:
+        """Modules the swap unloaded and must load back: the holders and aux modules, and the
+        stack modules that were loaded before it while openibd has not completed."""
+        facts = self.journal.facts
+        return list(dict.fromkeys([*(facts.get("stack_owed") or []),
+                                   *(facts.get("unloaded_for_swap") or [])]))
 
     def step_unblacklist(self: Runner) -> Outcome:
         if remove_file(self.blacklist_path):
@@ -215,7 +242,21 @@ class Steps:
             self.log.info("restore.skipped", why="no restore pending: no VF is touched")
             return
         done = set(self.journal.facts.get("restored_vfs") or [])
-        todo = without_vfs(snap, done)  # never overwrite a VF a previous restore brought back
+        untouched = untouched_pfs(snap, pf_ifindexes(self.node.paths, [p.pci for p in snap.pfs]))
+        for pf in untouched:
+            owed = [vf.pci for vf in pf.vfs if vf.pci not in done]
+            self.log.info("restore.pf_untouched", pf=pf.pci, vfs=len(owed),
+                          why="its netdev is the one the snapshot saw: the driver was not "
+                              "reloaded under it, its VFs were never destroyed; not touched")
+            done |= set(owed)
+        # never overwrite a VF a previous restore brought back, nor a PF our reload never touched
+        todo = without_vfs(snap, done)
+        kept = {p.pci for p in untouched}
+        todo = replace(todo, pfs=tuple(p for p in todo.pfs if p.pci not in kept))
+        if not todo.pfs:
+            self.journal.set(restore_pending=False, restored_vfs=sorted(done))
+            self.log.info("restore.skipped", why="no PF was reloaded under its VFs: none is owed")
+            return
         self.log.info("restore.started", pfs=len(todo.pfs), vfs=todo.vf_count,
                       already_restored=len(done), deadline_s=self.config.vf_restore_timeout_s,
                       workers=self.config.vf_restore_workers,
@@ -259,7 +300,7 @@ class Steps:
             try:
                 self.restore_vfs(unwinding=True)
                 vfs = "restored (or none were owed)"
-            except StepFailed as e:
+            except (StepFailed, OSError) as e:
                 vfs = f"NOT all restored: {e} (the rest are retried at the next run)"
         self.journal.set(last_error=f"{failure}; VFs {vfs}")
         self.log.error("swap.unwound", node=self.node_left(State.FAILED), vfs=vfs,

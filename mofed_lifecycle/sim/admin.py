@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .client import KernelClient, SimKernelError
+from .scenario import NAME_RE
+from .scenario_host import FW_MAX_VFS
 
 INT_KEYS = ("vlan", "qos", "min_tx_rate", "max_tx_rate")
 BOOL_KEYS = ("trust", "spoofchk")
@@ -34,7 +36,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
         if not sep or not value:
             raise AdminError(f"{pair!r}: expected KEY=VALUE")
         if key in INT_KEYS:
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise AdminError(f"{key}={value}: expected a non-negative integer")
             out[key] = int(value)
         elif key in BOOL_KEYS:
@@ -93,14 +95,18 @@ def set_node(root: Path, words: list[str]) -> dict[str, Any]:
                 loaded = k.call("modprobe", names=[args[0]])
                 return {"changed": what, "module": args[0], "loaded_now": loaded}
             if what == "route-default":
+                if args[0] != "none" and not NAME_RE.match(args[0]):
+                    raise AdminError(f"{args[0]!r}: invalid interface name")
                 k.call("set_default_route", dev=None if args[0] == "none" else args[0])
                 return {"changed": what, "default_route": k.call("state")["default_route"]}
             pfs = k.call("state")["pfs"]
             if args[0].lower() not in pfs:
                 raise AdminError(f"no PF {args[0]} on this node (PFs: {', '.join(sorted(pfs))})")
             key, sep, value = args[1].partition("=")
-            if key != "next_boot_numvfs" or not sep or not value.isdigit():
+            if key != "next_boot_numvfs" or not sep or not (value.isascii() and value.isdigit()):
                 raise AdminError(f"{args[1]!r}: expected next_boot_numvfs=N")
+            if int(value) > FW_MAX_VFS:
+                raise AdminError(f"next_boot_numvfs={value}: the firmware takes 0..{FW_MAX_VFS}")
             k.call("set_fw", pf=args[0].lower(), next_boot_num_of_vfs=int(value))
             return {"changed": what, "pf": args[0].lower(),
                     "fw": k.call("state")["pfs"][args[0].lower()]["fw"]}

@@ -75,8 +75,11 @@ class ModulesMixin:
         self.st.modules[name] = Module(name, srcversion, version, uses)
         self.note("module.loaded", module=name, srcversion=srcversion, version=version)
 
-    def load_module(self: SimKernel, name: str, *, use_blacklist: bool = False) -> list[str]:
-        """`modprobe NAME`: load it and its dependencies from the installed tree. Returns loaded."""
+    def load_module(self: SimKernel, name: str, *, use_blacklist: bool = False,
+                    host_tree: bool = False) -> list[str]:
+        """`modprobe NAME`: load it and its dependencies from the installed tree (the driver
+        container's `/lib/modules`) or, `host_tree` (`modprobe -d /host`), from the host's, which
+        holds the build that was loaded before any swap. Returns what it loaded."""
         name = canon(name)
         if name in self.st.modules:
             return []
@@ -87,17 +90,17 @@ class ModulesMixin:
             return []
         if name == "nvidia_peermem":
             return self._load_peermem()
-        version = self.sc.installed_version
+        version = self.sc.loaded_version if host_tree else self.sc.installed_version
+        srcversion = self.sc.host_srcversion if host_tree else self.sc.installed_srcversion
         loaded: list[str] = []
         for dep in self.catalog_deps(name, version):
-            loaded += self.load_module(dep)
+            loaded += self.load_module(dep, host_tree=host_tree)
         for dep in self.catalog_deps(name, version):
             have = self.st.modules[dep]
-            if dep in STACK_DEPS and have.srcversion != self.sc.installed_srcversion(dep):
+            if dep in STACK_DEPS and have.srcversion != srcversion(dep):
                 raise KernelError(errno.EINVAL, f"could not insert '{name}': Invalid argument "
                                   f"({name} disagrees about version of symbols of {dep})")
-        self._insert(name, version, self.sc.installed_srcversion(name),
-                     list(self.catalog_deps(name, version)))
+        self._insert(name, version, srcversion(name), list(self.catalog_deps(name, version)))
         self._modules_changed()
         if name == "mlx5_core":  # the driver probes the PFs it finds: their netdevs come back
             self._bring_up_pfs()

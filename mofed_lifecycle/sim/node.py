@@ -7,6 +7,7 @@ import shutil
 import signal
 import stat
 import sys
+import uuid
 from pathlib import Path
 
 from .client import PKG_PARENT, is_simulated
@@ -15,6 +16,8 @@ from .scenario import Scenario
 from .scenario_parse import load_scenario
 from .tools import TOOLS
 from .tree import Tree
+
+NODE_ID = "node-id"
 
 
 class NodeExists(RuntimeError):
@@ -64,6 +67,9 @@ def init_node(scenario_path: str | Path, root: str | Path, *, force: bool = Fals
     simdir = root / ".sim"
     simdir.mkdir(parents=True)
     (simdir / "scenario.toml").write_text(Path(scenario_path).read_text())
+    # this node's identity: a kernel process of a deleted node whose directory is rebuilt at the
+    # same path (`--force`, even on the same inode) sees it change and exits
+    (simdir / NODE_ID).write_text(uuid.uuid4().hex + "\n")
     st = initial_state(sc)
     Tree(root, sc).render_all(st)
     save_state(st, simdir / "kernel.json")

@@ -22,6 +22,7 @@ from typing import Any
 
 from .kernel import KernelError, SimKernel
 from .model import load_state, save_state
+from .node import NODE_ID
 from .scenario_parse import parse_scenario
 from .state import ground_truth
 
@@ -44,7 +45,7 @@ class KernelServer:
         self.settled_waiters: list[asyncio.Future[None]] = []
         self.stop = asyncio.Event()
         self.persist_every_s = PERSIST_DEBOUNCE_S
-        self.simdir_ino = self.simdir.stat().st_ino
+        self.node_id = self.read_node_id()
         self.orphaned = False  # the node's directory is gone: exit without saving
 
     # ---- time and persistence ----------------------------------------------------------------
@@ -98,7 +99,8 @@ class KernelServer:
             "set_default_route": lambda: k.set_default_route(args["dev"]),
             "set_fw": lambda: k.set_fw(args["pf"], int(args["next_boot_num_of_vfs"])),
             "modprobe": lambda: [x for n in args["names"] for x in
-                                 k.load_module(n, use_blacklist=args.get("blacklist", False))],
+                                 k.load_module(n, use_blacklist=args.get("blacklist", False),
+                                               host_tree=bool(args.get("host_tree", False)))],
             "modprobe_remove": lambda: [x for n in args["names"] for x in k.remove_module(n)],
             "rmmod": lambda: k.unload_module(args["name"]),
             "lsmod": k.lsmod_rows,
@@ -170,14 +172,20 @@ class KernelServer:
         finally:
             self.k.bus.subscribers.remove(queue.put_nowait)
 
+    def read_node_id(self) -> str:
+        try:
+            return (self.simdir / NODE_ID).read_text().strip()
+        except FileNotFoundError:  # a node made before node ids: its directory's inode
+            return f"inode:{self.simdir.stat().st_ino}"
+
     def node_gone(self) -> str | None:
         """Why this process no longer serves a node: its directory was deleted (or replaced by a
         new node's, `sim init --force`)."""
         try:
-            ino = self.simdir.stat().st_ino
+            node_id = self.read_node_id()
         except OSError:
             return "its directory was deleted"
-        return None if ino == self.simdir_ino else "its directory was replaced by a new node's"
+        return None if node_id == self.node_id else "its directory now holds another node"
 
     async def idle_watch(self) -> None:
         """Exit when the node is gone, or when no client has been connected for the idle time

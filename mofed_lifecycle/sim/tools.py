@@ -97,13 +97,28 @@ def dump_modversions(root: Path, argv: list[str]) -> int:
     return 0
 
 
+def _host_tree(root: Path, dirname: str | None) -> bool:
+    """`-d DIR`: the node's own modules (None, "/", the node root) or the host's (`/host`)."""
+    if dirname in (None, "", "/") or Path(dirname).resolve() == root.resolve():
+        return False
+    if Path(dirname).resolve() == (root / "host").resolve() or dirname.rstrip("/") == "/host":
+        return True
+    raise SimKernelError(2, f"{dirname}/lib/modules: No such file or directory")
+
+
 def modprobe(root: Path, argv: list[str]) -> int:
     if "--dump-modversions" in argv:
         return dump_modversions(root, argv)
     remove = quiet = blacklist = all_names = False
     names: list[str] = []
-    for a in argv:
-        if a in ("-r", "--remove"):
+    dirname: str | None = None
+    args = iter(argv)
+    for a in args:
+        if a in ("-d", "--dirname"):
+            dirname = next(args, "")
+        elif a.startswith("--dirname="):
+            dirname = a.split("=", 1)[1]
+        elif a in ("-r", "--remove"):
             remove = True
         elif a in ("-q", "--quiet"):
             quiet = True
@@ -129,7 +144,8 @@ def modprobe(root: Path, argv: list[str]) -> int:
             if remove:
                 k.call("modprobe_remove", names=names)
             else:
-                k.call("modprobe", names=names, blacklist=blacklist)
+                k.call("modprobe", names=names, blacklist=blacklist,
+                       host_tree=_host_tree(root, dirname))
     except SimKernelError as e:
         if not quiet:
             level = "ERROR" if "insert" in e.strerror else "FATAL"

@@ -14,6 +14,7 @@ from pathlib import Path
 from .model import KernelState, Netdev, Pf, Vf, is_vendor
 from .peermem_ko import render_peermem_files
 from .scenario import AUX_DEPS, PEER_SYMBOLS, STACK_DEPS, Scenario, deps_for, peer_exporter
+from .tree_host import render_host
 
 PCI_PARENT = "devices/pci0000:00"
 DEVICE_ID = {"pf": "0x101d", "vf": "0x101e"}  # ConnectX-6 Dx PF / VF
@@ -81,6 +82,7 @@ class Tree:
         self.driver_dir("vfio-pci", present=True)
         self.render_module_files()
         render_peermem_files(self.root, self.sc)  # nvidia-peermem.ko, the driver's Module.symvers
+        render_host(self.root, self.sc, PCI_PARENT)  # [host]: IOMMU mode, GPUs
 
     def render_module_files(self) -> None:
         """The installed (container) modules under updates/ and the host's copies under kernel/."""

@@ -54,6 +54,7 @@ class PfSnapshot:
     autoprobe: bool
     vfs: tuple[VfSnapshot, ...] = field(default_factory=tuple)
     representors: tuple[RepSnapshot, ...] = field(default_factory=tuple)
+    ifindex: int | None = None  # of its netdev: a reload of the driver gives the PF a new one
 
     @property
     def ib(self) -> bool:
@@ -96,6 +97,14 @@ def assigned_mac(mac: str | None) -> str | None:
 def assigned_guid(guid: str | None) -> str | None:
     """A GUID worth restoring: None for an all-zero one ("never assigned": leave it alone)."""
     return None if not guid or guid == ZERO_GUID else guid.lower()
+
+
+def untouched_pfs(snapshot: Snapshot, ifindex_now: dict[str, int | None]) -> list[PfSnapshot]:
+    """PFs whose netdev is still the one the snapshot saw (same ifindex): the driver was never
+    reloaded under them (the swap failed before openibd unloaded it, or a predecessor was killed
+    before), so their VFs were never destroyed and a restore must not write to them."""
+    return [p for p in snapshot.pfs
+            if p.ifindex is not None and ifindex_now.get(p.pci) == p.ifindex]
 
 
 def without_vfs(snapshot: Snapshot, done: set[str]) -> Snapshot:

@@ -62,16 +62,21 @@ def vf_change(saved: VfSettings, current: VfSettings | None, *, ib: bool) -> VfC
     )
 
 
-def unkept(saved: VfSettings, current: VfSettings | None, *, ib: bool) -> dict[str, tuple[object,
-                                                                                       object]]:
+def unkept(saved: VfSettings, current: VfSettings, *, ib: bool) -> dict[str, tuple[object, object]]:
     """Settings the kernel reads back other than saved, {field: (wanted, read)}, after a restore
     (a kernel may accept a request and ignore part of it: a port GUID beside a node GUID, or stop
     at a refused field). A field the driver does not report (None) cannot be checked: left out."""
-    if current is None:
-        return {}
     change = vf_change(saved, current, ib=ib)
-    return {f: (getattr(change, f), getattr(current, f)) for f in change.__dataclass_fields__
-            if getattr(change, f) is not None and getattr(current, f) is not None}
+    return {f: (want, got) for f in change.__dataclass_fields__
+            if (want := getattr(change, f)) is not None
+            and (got := getattr(current, f)) is not None and want != got}
+
+
+def unverifiable(saved: VfSettings, current: VfSettings, *, ib: bool) -> list[str]:
+    """Settings to restore that the driver does not report (None when read back)."""
+    change = vf_change(saved, current, ib=ib)
+    return [f for f in change.__dataclass_fields__
+            if getattr(change, f) is not None and getattr(current, f) is None]
 
 
 def identity_changes(change: VfChange) -> bool:

@@ -7,10 +7,11 @@ first) so that two representors that swapped names never collide.
 
 from __future__ import annotations
 
+import errno
 import queue
 from typing import TYPE_CHECKING
 
-from ..host.netlink_types import LinkChange
+from ..host.netlink_types import LinkChange, NetlinkError
 from ..host.udev import NetdevEvent
 from .model import PfSnapshot
 from .plan import link_change, link_change_is_empty, rename_plan
@@ -30,17 +31,25 @@ def rename_representor(r: Restorer, pf: PfSnapshot, old: str, new: str) -> None:
     """Rename `old` to `new`, down. udev keeps a name it gave as an alternative name once the
     netdev is renamed away from it, and the kernel refuses (EEXIST) a rename to any netdev's
     altname: if `new` is an altname of one of this PF's representors, it is removed first."""
-    holder = r.node.netlink.link(new)  # resolves a name or an altname
-    if holder is not None and holder.name != new and new in holder.altnames:
-        ours = set(representors(r.paths, pf.pci).values())
-        if holder.name not in ours:
-            raise RuntimeError(
-                f"cannot name representor {old} {new}: {new} is an alternative name of "
-                f"{holder.name}, which is not a representor of {pf.pci}; remove it (ip link "
-                f"property del dev {holder.name} altname {new}) and restart")
-        r.node.netlink.del_altname(holder.name, new)
-        r.log.info("restore.altname_removed", pf=pf.pci, netdev=holder.name, altname=new)
-    r.node.netlink.set_link(old, LinkChange(name=new, up=False))
+    for attempt in (1, 2):
+        holder = r.node.netlink.link(new)  # resolves a name or an altname
+        if holder is not None and holder.name != new and new in holder.altnames:
+            ours = set(representors(r.paths, pf.pci).values())
+            if holder.name not in ours:
+                raise RuntimeError(
+                    f"cannot name representor {old} {new}: {new} is an alternative name of "
+                    f"{holder.name}, which is not a representor of {pf.pci}; remove it (ip link "
+                    f"property del dev {holder.name} altname {new}) and restart")
+            r.node.netlink.del_altname(holder.name, new)
+            r.log.info("restore.altname_removed", pf=pf.pci, netdev=holder.name, altname=new)
+        try:
+            r.node.netlink.set_link(old, LinkChange(name=new, up=False))
+            return
+        except NetlinkError as e:
+            # udev adds an altname asynchronously (after the move event): one that landed
+            # between the check and the rename is found and removed on the second pass
+            if e.errno != errno.EEXIST or attempt == 2:
+                raise
 
 
 def restore_representors(r: Restorer, pf: PfSnapshot, events: queue.Queue[NetdevEvent], *,

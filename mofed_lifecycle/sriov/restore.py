@@ -21,7 +21,7 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from ..host.netlink_types import LinkChange, NetlinkError, VfChange
+from ..host.netlink_types import LinkChange, NetlinkError, VfChange, VfSettings
 from ..host.node import Node
 from .model import PfSnapshot, Snapshot, VfSnapshot
 from .plan import (
@@ -33,6 +33,7 @@ from .plan import (
     must_rebind,
     numvfs_action,
     unkept,
+    unverifiable,
     vf_change,
 )
 from .readiness import Expected, Readiness, progress_line
@@ -74,6 +75,7 @@ class Restorer:
         self.workers = workers
         self.result = RestoreResult()
         self.no_netdev: set[str] = set()  # VFs restored with no netdev work to do
+        self.not_kept: dict[str, str] = {}  # VF PCI -> settings read back otherwise (still bound)
 
     # ---- primitives, each retried on transient errors until the deadline ------------------------
     def retrying(self, what: str, fn: Any, *args: Any) -> Any:
@@ -140,6 +142,8 @@ class Restorer:
                     exc = fut.exception()
                     if exc is not None:
                         self.result.failed.setdefault(pci, str(exc))
+            for pci, why in self.not_kept.items():
+                self.result.failed.setdefault(pci, why)
             settled = set(finish) | {vf.pci for p in pfs.values() for vf in p.vfs
                                      if vf.driver != NETDEV_DRIVER or vf.pci in self.no_netdev}
             self.result.restored = sorted(p for p in settled if p not in self.result.failed)
@@ -309,22 +313,34 @@ class Restorer:
 
     def verify_settings(self, pf: PfSnapshot, pf_name: str, vfs: list[VfSnapshot]) -> None:
         """Read every changed VF back: what the kernel did not keep is sent once more on its own,
-        and a VF that still reads otherwise is failed, naming the field (never a silent loss)."""
+        and a VF that still reads otherwise is reported failed naming the field (never a silent
+        loss) — it is still bound, so that one setting never costs the VF itself."""
         vfs = [vf for vf in vfs if vf.pci not in self.result.failed]
         for attempt in (1, 2):
             if not vfs:
                 return
-            now = {s.index: s for s in self.retrying(f"read back VFs of {pf_name}",
-                                                     self.node.netlink.vfs, pf_name)}
-            wrong = {vf.index: unkept(vf.settings, now.get(vf.index), ib=pf.ib) for vf in vfs}
+            try:
+                now = {s.index: s for s in self.retrying(f"read back VFs of {pf_name}",
+                                                         self.node.netlink.vfs, pf_name)}
+            except (OSError, RestoreAborted) as e:
+                self.log.error("restore.verify_failed", pf=pf.pci, error=str(e),
+                               next="the settings were sent but could not be read back: check "
+                                    f"them with `ip link show {pf_name}`")
+                return
+            if attempt == 1:
+                self.log_unverifiable(pf, vfs, now)
+            wrong = {vf.index: unkept(vf.settings, now[vf.index], ib=pf.ib)
+                     if vf.index in now else {"vf": ("reported", "missing")} for vf in vfs}
             vfs = [vf for vf in vfs if wrong[vf.index]]
             for vf in vfs:
                 fields = ", ".join(f"{k} {want} (reads {got})"
                                    for k, (want, got) in wrong[vf.index].items())
                 if attempt == 2:
-                    self.vf_failed(pf, vf, f"the kernel did not keep {fields} on VF {vf.index} of "
-                                   f"{pf_name}: set it by hand (ip link set {pf_name} vf "
-                                   f"{vf.index} ...) and check dmesg")
+                    self.not_kept[vf.pci] = (f"the kernel did not keep {fields} on VF {vf.index} "
+                                             f"of {pf_name}: set it by hand (ip link set {pf_name} "
+                                             f"vf {vf.index} ...) and check dmesg")
+                    self.log.error("restore.vf_failed", vf=vf.pci, pf=pf.pci, index=vf.index,
+                                   error=self.not_kept[vf.pci])
                     continue
                 self.log.warning("restore.vf_not_kept", vf=vf.pci, pf=pf.pci, index=vf.index,
                                  fields=fields)
@@ -333,8 +349,17 @@ class Restorer:
                                   self.node.netlink.set_vf, pf_name, vf.index,
                                   vf_change(vf.settings, now.get(vf.index), ib=pf.ib))
                 except (OSError, RestoreAborted) as e:
-                    self.vf_failed(pf, vf, str(e))
-            vfs = [vf for vf in vfs if vf.pci not in self.result.failed]
+                    self.not_kept[vf.pci] = str(e)
+
+    def log_unverifiable(self, pf: PfSnapshot, vfs: list[VfSnapshot],
+                         now: dict[int, VfSettings]) -> None:
+        """Once per PF: saved settings the driver does not report back, so cannot be checked."""
+        blind = sorted({f for vf in vfs if vf.index in now
+                        for f in unverifiable(vf.settings, now[vf.index], ib=pf.ib)})
+        if blind:
+            self.log.warning("restore.unverifiable", pf=pf.pci, fields=blind,
+                             why="the driver does not report them in the PF's VF list: they "
+                                 "were sent, but cannot be read back")
 
     def vf_failed(self, pf: PfSnapshot, vf: VfSnapshot, why: str) -> None:
         self.result.failed[vf.pci] = why

@@ -131,8 +131,17 @@ def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
             mtu=link.mtu if link else None, up=link.up if link else None,
             mac=link.address if link else None, eswitch=eswitch_mode(paths, netdev),
             numvfs=numvfs, autoprobe=_int(dev / "sriov_drivers_autoprobe", 1) != 0,
-            vfs=tuple(vfs), representors=tuple(reps)))
+            vfs=tuple(vfs), representors=tuple(reps), ifindex=link.ifindex if link else None))
     return Snapshot(taken_at=time.time(), pfs=tuple(pfs))
+
+
+def pf_ifindexes(paths: NodePaths, pcis: list[str]) -> dict[str, int | None]:
+    """PCI address -> the ifindex of the PF's netdev now (None: no netdev)."""
+    out: dict[str, int | None] = {}
+    for pci in pcis:
+        netdev = netdev_of(paths, pci)
+        out[pci] = _int(paths.net(netdev) / "ifindex", -1) if netdev else None
+    return out
 
 
 def save_snapshot(directory: Path, snapshot: Snapshot) -> Path:
