@@ -41,7 +41,9 @@ from mofed_lifecycle.sim.node import init_node, stop_kernel  # noqa: E402
 from mofed_lifecycle.sim.run import run_scenario  # noqa: E402
 
 POLL_S = 5.0
-RACE = REPO.parent / "shared" / "scenarios" / "kernel-upgrade-peermem-race.toml"
+RACE_BESIDE = REPO.parent / "shared" / "scenarios" / "kernel-upgrade-peermem-race.toml"
+RACE = RACE_BESIDE if RACE_BESIDE.exists() else (  # the copy, on a clone without ../shared
+    REPO / "tests/scenarios/shared/kernel-upgrade-peermem-race.toml")
 NODE = """[node]
 name = "bench-peermem"
 time_scale = 0.01

@@ -22,7 +22,7 @@ from mofed_lifecycle.sim.client import KernelClient
 from mofed_lifecycle.sim.scenario import AUX_DEPS, STACK_DEPS
 from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
-from .conftest import SCENARIOS
+from .conftest import SCENARIOS, SHARED_SCENARIOS
 
 COMPARED = ("mlx5_core", "mlx5_ib", "ib_core")
 MARKER = "run/mellanox/drivers/.driver-ready"
@@ -312,7 +312,7 @@ def test_killed_in_the_middle_of_openibd_the_next_run_still_reloads(make_node):
 
 # ---- `sim run`: the report's outcome measured by the simulator -----------------------------------
 
-SHARED = SCENARIOS.parent.parent.parent / "shared" / "scenarios"
+SHARED = SHARED_SCENARIOS
 
 
 def sim_run(path: Path, tmp_path: Path) -> dict:

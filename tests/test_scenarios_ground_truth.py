@@ -24,7 +24,7 @@ import pytest
 import mofed_lifecycle.sim
 from mofed_lifecycle.sim.node import stop_kernel
 
-from .conftest import SHARED_SCENARIOS, shared_scenarios
+from .conftest import SHARED_BESIDE, SHARED_COPY, SHARED_SCENARIOS, shared_scenarios
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLES = Path(mofed_lifecycle.sim.__file__).resolve().parent / "examples"
@@ -295,8 +295,19 @@ def test_ground_truth_is_what_the_scenario_says(path: Path, node):
     check_pfs(sc, gt, root)
 
 
+def test_the_copy_of_the_shared_scenarios_is_identical_to_them():
+    """tests/scenarios/shared stands in for ../shared/scenarios on a clone without ../shared."""
+    if not SHARED_BESIDE.is_dir():
+        pytest.skip(f"{SHARED_BESIDE} is not beside this clone: nothing to compare the copy with")
+    beside = {p.name: p.read_bytes() for p in SHARED_BESIDE.glob("*.toml")}
+    copy = {p.name: p.read_bytes() for p in SHARED_COPY.glob("*.toml")}
+    assert copy == beside, "refresh it: cp ../shared/scenarios/*.toml tests/scenarios/shared/"
+
+
 def test_acceptance_upgrade_50vf_eth(node):
     """`sim init ../shared/scenarios/upgrade-50vf-eth.toml --root DIR && sim state --root DIR`."""
+    if not SHARED_BESIDE.is_dir():
+        pytest.skip(f"the README's relative path needs {SHARED_BESIDE} beside this clone")
     rel = "../shared/scenarios/upgrade-50vf-eth.toml"
     assert (PROJECT / rel).samefile(SHARED_SCENARIOS / "upgrade-50vf-eth.toml")
     _root, gt = node(rel)  # the CLI runs with cwd = the project root
