@@ -120,7 +120,7 @@ def test_reload_brings_the_installed_driver_removes_the_blacklist_and_sets_the_m
 
 
 def test_matching_driver_is_not_reloaded_and_no_vf_is_touched(make_node):
-    root, k = make_node(SCENARIOS.parent.parent.parent / "shared/scenarios/restart-no-reload.toml")
+    root, k = make_node(SHARED_SCENARIOS / "restart-no-reload.toml")
     before = k.call("state")
     r = lifecycle(root, "--once", env={"NVIDIA_NIC_DRIVER_VER": "25.10-1.2.8"})
     assert r.returncode == 0, r.stderr[-2000:]
