@@ -23,6 +23,7 @@ from ..host.files import InstanceLock, LockHeld, remove_file
 from ..host.modules import ModuleCommandError, read_module_facts
 from ..host.node import Node
 from ..log import Transitions, get_logger
+from ..signals import StopSignals
 from .decide import Decision
 from .journal import Journal, journal_dir
 from .machine import CRITICAL, Outcome, State, next_state
@@ -63,6 +64,7 @@ class Runner(Steps):
         self.stop.wait(seconds)
 
     def request_stop(self, signum: int, _frame: object = None) -> None:
+        """A stop request, in normal context (never from inside a signal handler)."""
         self.log.info("signal.received", signal=signal.Signals(signum).name, state=self.state_name,
                       next="finishing the driver swap first" if self.in_critical() else "stopping")
         self.stop.set()
@@ -196,9 +198,9 @@ class Runner(Steps):
         return Outcome.RETRY
 
 
-def install_signal_handlers(runner: Runner) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, runner.request_stop)
+def install_signal_handlers(runner: Runner) -> StopSignals:
+    """The handler only records the signal; `request_stop` runs on a thread (signals.py)."""
+    return StopSignals(runner.request_stop).install()
 
 
 def run_lifecycle(node: Node, config: Config, *, once: bool) -> int:

@@ -24,6 +24,7 @@ from ..config import Config
 from ..host.commands import CommandTimeout, run_command
 from ..log import get_logger
 from ..metrics import PeermemMetrics, peermem_textfile
+from ..signals import StopSignals
 from . import gather
 from .checks import (
     MODPROBE_NAME,
@@ -267,9 +268,9 @@ class PeermemLoader:
                        f"rmmod nvidia_peermem failed: {err}", "retried with a backoff")
 
 
-def install_signal_handlers(loader: PeermemLoader) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, loader.request_stop)
+def install_signal_handlers(loader: PeermemLoader) -> StopSignals:
+    """The handler only records the signal; `request_stop` runs on a thread (signals.py)."""
+    return StopSignals(loader.request_stop).install()
 
 
 def run_loader(node: Tools, config: Config, *, once: bool, timeout_s: float | None,
