@@ -56,15 +56,20 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def parse_positive_seconds(text: str) -> float:
-    value = parse_seconds(text)
-    if value <= 0:
-        raise ValueError("expected a number of seconds greater than 0")
-    return value
+def seconds_in(lo: float, hi: float) -> Callable[[str], float]:
+    """A parser of seconds within [lo, hi]: a sane range checked at start, so that no value can
+    overflow a timer or busy-loop a thread later (9999999 s, 1e300 s, 1e-9 s are refused)."""
+    def parse(text: str) -> float:
+        value = parse_seconds(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"expected seconds from {lo:g} to {hi:g}, got {text}")
+        return value
+
+    return parse
 
 
 def parse_count(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 100:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
         raise ValueError("expected a whole number from 1 to 100")
     return int(text)
 
@@ -82,7 +87,17 @@ def _module_list(sep: str, what: str) -> Callable[[str], tuple[str, ...]]:
 
 
 parse_space_modules = _module_list(" ", "space-separated")
-parse_colon_modules = _module_list(":", "colon-separated")
+_colon_modules = _module_list(":", "colon-separated")
+
+
+def parse_blacklist_modules(text: str) -> tuple[str, ...]:
+    """The modules blacklisted around the reload: never empty (without a blacklist the host's udev
+    loads its own mlx5_core while openibd has the stack unloaded, and the VFs are lost)."""
+    names = _colon_modules(text)
+    if not names:
+        raise ValueError("expected at least one module (mlx5_core first): an empty blacklist lets "
+                         "the host reload its own driver in the middle of the swap")
+    return names
 
 
 def parse_abs_path(text: str) -> str:
@@ -184,7 +199,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("MLX5_AUXILIARY_MODULES", "mlx5_auxiliary_modules", parse_space_modules,
          "mlx5_vdpa mlx5_fwctl mlx5_dpll",
          "unloaded before and reloaded after the restart; empty disables", empty_is_value=True),
-    Spec("OFED_BLACKLIST_MODULES", "blacklist_modules", parse_colon_modules, DEFAULT_BLACKLIST,
+    Spec("OFED_BLACKLIST_MODULES", "blacklist_modules", parse_blacklist_modules, DEFAULT_BLACKLIST,
          "modules blacklisted on the host around the reload, colon separated"),
     Spec("OFED_BLACKLIST_MODULES_FILE", "blacklist_file", parse_modprobe_conf,
          "/host/etc/modprobe.d/blacklist-ofed-modules.conf",
@@ -193,7 +208,7 @@ SPECS: tuple[Spec, ...] = (
          "install the short-name udev rule (the operator injects true)"),
     Spec("RESTORE_DRIVER_ON_POD_TERMINATION", "restore_driver_on_termination", parse_bool, "false",
          "on stop, put the inbox driver back (`mlnxofedctl --alt-mods force-restart`)"),
-    Spec("BIND_DELAY_SEC", "bind_delay_s", parse_seconds, "4",
+    Spec("BIND_DELAY_SEC", "bind_delay_s", seconds_in(0, 600), "4",
          "today's fixed sleep per bind; kept as an upper bound for the bind-rebind fallback"),
     Spec("USE_DKMS", "use_dkms", parse_bool, "false", "runtime DKMS"),
     Spec("DTK_OCP_DRIVER_BUILD", "dtk_ocp_driver_build", parse_bool, "false",
@@ -207,7 +222,7 @@ SPECS: tuple[Spec, ...] = (
          "keep a debug trace, and sleep before exiting on failure"),
     Spec("DEBUG_LOG_FILE", "debug_log_file", parse_abs_path, "/tmp/entrypoint_debug_cmds.log",
          "where the debug trace goes"),
-    Spec("DEBUG_SLEEP_SEC_ON_EXIT", "debug_sleep_on_exit_s", parse_seconds, "300",
+    Spec("DEBUG_SLEEP_SEC_ON_EXIT", "debug_sleep_on_exit_s", seconds_in(0, 86400), "300",
          "with ENTRYPOINT_DEBUG, seconds to sleep before exiting on failure"),
     Spec("DRIVER_READY_PATH", "driver_ready_path", parse_abs_path,
          "/run/mellanox/drivers/.driver-ready", "the readiness marker"),
@@ -220,13 +235,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("MLX_UDEV_RULES_FILE", "udev_rules_file", parse_abs_path,
          "/host/etc/udev/rules.d/77-mlnx-net-names.rules", "the short-name udev rule"),
     # mofed-lifecycle's own settings (not in today's container): bounds on waits and retries.
-    Spec("OPENIBD_TIMEOUT_SEC", "openibd_timeout_s", parse_positive_seconds, "600",
+    Spec("OPENIBD_TIMEOUT_SEC", "openibd_timeout_s", seconds_in(0.01, 14400), "600",
          "one `openibd restart` may take this long before it is killed and retried"),
     Spec("OPENIBD_ATTEMPTS", "openibd_attempts", parse_count, "3",
          "`openibd restart` attempts before the reload counts as failed"),
-    Spec("RECHECK_INTERVAL_SEC", "recheck_interval_s", parse_positive_seconds, "60",
+    Spec("RECHECK_INTERVAL_SEC", "recheck_interval_s", seconds_in(0.01, 86400), "60",
          "after a refused or failed reload: seconds between re-checks (the daemon stays up)"),
-    Spec("VF_RESTORE_TIMEOUT_SEC", "vf_restore_timeout_s", parse_positive_seconds, "300",
+    Spec("VF_RESTORE_TIMEOUT_SEC", "vf_restore_timeout_s", seconds_in(0.01, 14400), "300",
          "one deadline for the whole VF restore (PF netdevs back, every VF netdev ready)"),
     Spec("VF_RESTORE_WORKERS", "vf_restore_workers", parse_count, "8",
          "VFs whose netdev is finished (MTU, up/down) concurrently"),
@@ -234,14 +249,14 @@ SPECS: tuple[Spec, ...] = (
          "set the readiness marker when some VFs could not be restored (they are reported by PCI "
          "address in the log and status.json, and retried at the next start); false: stay not "
          "ready and retry every RECHECK_INTERVAL_SEC"),
-    Spec("HEARTBEAT_INTERVAL_SEC", "heartbeat_interval_s", parse_positive_seconds, "10",
+    Spec("HEARTBEAT_INTERVAL_SEC", "heartbeat_interval_s", seconds_in(0.05, 3600), "10",
          "seconds between heartbeats (`heartbeat.json` beside the journal) that `mofed-lifecycle "
          "probe live` checks"),
     Spec("METRICS_TEXTFILE", "metrics_textfile", parse_prom_path, "",
          "Prometheus metrics for node_exporter's textfile collector, rewritten atomically on "
          "every state change (a `.prom` path); empty: off", empty_is_value=True),
     # The peermem loader (`mofed-lifecycle peermem`, GPU side) and the lifecycle's side of it.
-    Spec("PEERMEM_UNLOAD_WAIT_SEC", "peermem_unload_wait_s", parse_seconds, "30",
+    Spec("PEERMEM_UNLOAD_WAIT_SEC", "peermem_unload_wait_s", seconds_in(0, 3600), "30",
          "before a reload, seconds to wait for a watching peermem loader to unload nvidia_peermem "
          "(then the lifecycle unloads it itself if unused, or refuses the reload if in use)"),
     Spec("GPU_DRIVER_READY_PATH", "gpu_driver_ready_path", parse_abs_path,
@@ -253,11 +268,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("PEERMEM_MODULE_PARAMS", "peermem_module_params", parse_module_params, "",
          "peermem: module parameters for `modprobe nvidia-peermem`, space separated `name=value`",
          empty_is_value=True),
-    Spec("PEERMEM_MODPROBE_TIMEOUT_SEC", "peermem_modprobe_timeout_s", parse_positive_seconds,
+    Spec("PEERMEM_MODPROBE_TIMEOUT_SEC", "peermem_modprobe_timeout_s", seconds_in(0.01, 3600),
          "60", "peermem: `modprobe nvidia-peermem` may take this long before it is killed"),
-    Spec("PEERMEM_DEBOUNCE_SEC", "peermem_debounce_s", parse_seconds, "1",
+    Spec("PEERMEM_DEBOUNCE_SEC", "peermem_debounce_s", seconds_in(0, 600), "1",
          "peermem: the NIC driver's srcversions must stay the same this long before a load"),
-    Spec("PEERMEM_RECHECK_SEC", "peermem_recheck_s", parse_positive_seconds, "10",
+    Spec("PEERMEM_RECHECK_SEC", "peermem_recheck_s", seconds_in(0.01, 3600), "10",
          "peermem: the longest pause between re-checks of what inotify cannot see (modules, "
          "/proc/kallsyms) while waiting; rechecks back off from 0.1 s to this"),
     Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",

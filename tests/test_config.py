@@ -80,6 +80,17 @@ def test_lists_and_empty_values():
     ("DRIVER_READY_PATH", "run/mellanox/drivers/.driver-ready", "absolute path"),
     ("LOCK_FILE_PATH", "/run/../etc/lock", "without '..'"),
     ("NVIDIA_NIC_DRIVER_VER", "25.07 0.9.7", "driver version"),
+    # every number has a sane range, checked at start (issue 11 item 10: these passed `config`
+    # and then overflowed a timer inside the swap, killed the heartbeat thread or busy-looped)
+    ("OPENIBD_TIMEOUT_SEC", "9999999", "seconds from 0.01 to 14400"),
+    ("RECHECK_INTERVAL_SEC", "1e10", "seconds from 0.01 to 86400"),
+    ("HEARTBEAT_INTERVAL_SEC", "1e300", "seconds from 0.05 to 3600"),
+    ("HEARTBEAT_INTERVAL_SEC", "0.000001", "seconds from 0.05 to 3600"),
+    ("DEBUG_SLEEP_SEC_ON_EXIT", "1e300", "seconds from 0 to 86400"),
+    ("PEERMEM_MODPROBE_TIMEOUT_SEC", "9999999", "seconds from 0.01 to 3600"),
+    ("VF_RESTORE_TIMEOUT_SEC", "inf", "number of seconds"),
+    ("OPENIBD_ATTEMPTS", "\u00b2", "whole number from 1 to 100"),
+    ("OFED_BLACKLIST_MODULES", ":", "at least one module"),
 ])
 def test_bad_values_name_the_variable_the_value_and_what_is_accepted(var, value, accepted):
     with pytest.raises(ConfigError) as e:
