@@ -19,11 +19,12 @@ from typing import Any
 
 from ..config import Config
 from ..host.commands import CommandTimeout
-from ..host.files import InstanceLock, LockHeld, remove_file
+from ..host.files import InstanceLock, LockHeld
 from ..host.modules import ModuleCommandError, read_module_facts
 from ..host.node import Node
 from ..log import Transitions, get_logger
 from ..signals import StopSignals
+from .blacklist import remove_blacklist
 from .decide import Decision
 from .journal import Journal, journal_dir
 from .machine import CRITICAL, Outcome, State, next_state
@@ -105,9 +106,16 @@ class Runner(Steps):
         # reload is decided (decide), a step fails or a reload is refused, and on stop.
         if self.journal.previous_died_mid_swap():
             self.clear_marker("the previous run died mid-swap")
-        if remove_file(self.blacklist_path):
+        done = remove_blacklist(self.blacklist_path, self.journal.dir)
+        if done in ("removed", "restored"):
             self.log.warning("blacklist.stale_removed", path=str(self.blacklist_path),
-                             why="a previous run died holding it")
+                             why="a previous run died holding it", user_file_restored=done ==
+                             "restored")
+        elif done == "not ours":
+            self.log.warning("blacklist.not_ours", path=str(self.blacklist_path),
+                             why="a file without mofed-lifecycle's header is at the blacklist "
+                                 "path: left alone (it is kept, with our lines added, during a "
+                                 "reload)")
         # `restore` is this run's summary (status shows this run's VF counts, not a past run's)
         self.journal.set(blacklist_written=False, last_error=None, reloaded_this_run=False,
                          restore=None)

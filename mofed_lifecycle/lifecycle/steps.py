@@ -29,6 +29,7 @@ from ..peermem.presence import wait_for_peermem_unload
 from ..sriov.model import merge_pending, untouched_pfs, without_vfs
 from ..sriov.restore import restore
 from ..sriov.snapshot import load_snapshot, pf_ifindexes, save_snapshot, take_snapshot
+from .blacklist import remove_blacklist, write_blacklist
 from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
 from .machine import Outcome, State
 from .preflight import plan
@@ -45,13 +46,6 @@ class StepFailed(RuntimeError):
 
 class OpenibdFailed(RuntimeError):
     pass
-
-
-def blacklist_text(modules: tuple[str, ...]) -> str:
-    head = ("# Written by mofed-lifecycle for the duration of a NIC driver reload, removed after\n"
-            "# it. If you find it with no reload running, the reload was interrupted: delete this\n"
-            "# file, or mlx5_core will not load at the next boot.\n")
-    return head + "".join(f"blacklist {m}\n" for m in modules)
 
 
 class Steps:
@@ -124,9 +118,10 @@ class Steps:
 
     def step_blacklist(self: Runner) -> Outcome:
         self.journal.set(blacklist_written=True)
-        atomic_write_text(self.blacklist_path, blacklist_text(self.config.blacklist_modules))
+        saved = write_blacklist(self.blacklist_path, self.config.blacklist_modules,
+                                self.journal.dir)
         self.log.info("blacklist.written", path=str(self.blacklist_path),
-                      modules=list(self.config.blacklist_modules))
+                      modules=list(self.config.blacklist_modules), user_file_saved=saved)
         return Outcome.OK
 
     def step_unload_aux(self: Runner) -> Outcome:
@@ -221,8 +216,10 @@ class Steps:
                                    *(facts.get("unloaded_for_swap") or [])]))
 
     def step_unblacklist(self: Runner) -> Outcome:
-        if remove_file(self.blacklist_path):
-            self.log.info("blacklist.removed", path=str(self.blacklist_path))
+        done = remove_blacklist(self.blacklist_path, self.journal.dir)
+        if done in ("removed", "restored"):
+            self.log.info("blacklist.removed", path=str(self.blacklist_path),
+                          user_file=done == "restored")
         self.journal.set(blacklist_written=False)
         # a failed swap goes on to the restore too: the VFs come back if the driver did
         return Outcome.OK

@@ -1,0 +1,49 @@
+"""Issue 11: faults and bad input — nothing clobbered, nobody else's file touched (ground truth)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mofed_lifecycle.host.files import atomic_write_text
+
+from .test_lifecycle import lifecycle
+from .test_no_harm import MATCHING, reloads
+
+BLACKLIST = "etc/modprobe.d/blacklist-ofed-modules.conf"  # /host/etc/... on the simulated node
+USER_FILE = "# the site's own modprobe policy\nblacklist floppy\noptions mlx5_core prof_sel=2\n"
+
+
+def test_a_users_file_at_the_blacklist_path_survives_a_restart_and_a_reload(make_node):
+    root, k = make_node(MATCHING, "userfile")
+    path = root / BLACKLIST
+    path.write_text(USER_FILE)
+    r = lifecycle(root, "--once")  # nothing to reload: the file is not even read
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert path.read_text() == USER_FILE and '"blacklist.not_ours"' in r.stderr
+    assert "stale_removed" not in r.stderr
+    upgrade = MATCHING.replace('loaded_version = "25.07-0.9.7"', 'loaded_version = "24.10-1.1.4"')
+    root, k = make_node(upgrade, "userfile-reload")
+    path = root / BLACKLIST
+    path.write_text(USER_FILE)
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert reloads(root) == 1 and path.read_text() == USER_FILE  # back, byte for byte
+    st = k.call("state")
+    assert st["pfs"]["0000:08:00.0"]["numvfs"] == 2 and st["markers"]
+    assert not list((root / "run/mellanox/drivers/mofed-lifecycle").glob("blacklist-saved*"))
+
+
+def test_atomic_writes_never_follow_a_planted_symlink(tmp_path: Path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    d = tmp_path / "drivers"
+    d.mkdir()
+    # the old predictable temporary names (PID 1 in a container) and the target itself
+    for pid in (1, os.getpid()):
+        (d / f".status.json.{pid}.tmp").symlink_to(outside)
+    (d / "status.json").symlink_to(outside)
+    atomic_write_text(d / "status.json", "{}\n")
+    assert outside.read_text() == "precious\n"
+    assert not (d / "status.json").is_symlink() and (d / "status.json").read_text() == "{}\n"
+    assert sorted(p.name for p in d.iterdir() if not p.is_symlink()) == ["status.json"]
