@@ -42,8 +42,8 @@ def state_budget_s(state: str | None, config: Config) -> float | None:
             + MARGIN_S
     if state == "restore":
         return config.vf_restore_timeout_s + MARGIN_S
-    if state == "stopping":  # RESTORE_DRIVER_ON_POD_TERMINATION runs mlnxofedctl
-        return config.openibd_timeout_s + MARGIN_S
+    if state == "stopping":  # RESTORE_DRIVER_ON_POD_TERMINATION: mlnxofedctl, the VF restore
+        return config.openibd_timeout_s + config.vf_restore_timeout_s + MARGIN_S
     return STEP_BUDGET_S
 
 
@@ -57,7 +57,9 @@ def stop_budget_s(config: Config) -> float:
     attempts = config.openibd_attempts
     swap = config.openibd_timeout_s * attempts + (attempts - 1) * 1.0
     aux = TOOL_TIMEOUT_S * (len(config.mlx5_auxiliary_modules) + 1)
-    inbox = config.openibd_timeout_s if config.restore_driver_on_termination else 0.0
+    # RESTORE_DRIVER_ON_POD_TERMINATION: mlnxofedctl, then the VFs restored on the inbox driver
+    inbox = (config.openibd_timeout_s + config.vf_restore_timeout_s
+             if config.restore_driver_on_termination else 0.0)
     return swap + aux + config.vf_restore_timeout_s + inbox + 30.0
 
 

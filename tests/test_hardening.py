@@ -47,3 +47,41 @@ def test_atomic_writes_never_follow_a_planted_symlink(tmp_path: Path):
     assert outside.read_text() == "precious\n"
     assert not (d / "status.json").is_symlink() and (d / "status.json").read_text() == "{}\n"
     assert sorted(p.name for p in d.iterdir() if not p.is_symlink()) == ["status.json"]
+
+
+EXAMPLE_50 = (Path(__file__).resolve().parent.parent
+              / "mofed_lifecycle/sim/examples/upgrade-50vf-eth.toml")
+
+
+def test_restore_driver_on_termination_keeps_every_vf_across_a_stop_and_a_start(make_node):
+    """Item 1: the inbox restore on stop is a reload like any other: VFs saved before it and
+    restored after it; the next start (vendor driver again) restores them once more."""
+    import signal
+
+    from .test_lifecycle import MARKER, wait_for
+    from .test_no_harm import vf_fields
+
+    root, k = make_node(EXAMPLE_50, "inbox")
+    env = {"RESTORE_DRIVER_ON_POD_TERMINATION": "true"}
+    proc = lifecycle(root, env=env, wait=False)
+    try:
+        wait_for(lambda: (root / MARKER).exists(), "ready", timeout=90)
+        ready = k.call("state")
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    stopped = k.call("state")
+    pf = "0000:3b:00.0"
+    assert stopped["driver"]["loaded_version"] != ready["driver"]["loaded_version"]  # inbox back
+    assert stopped["pfs"][pf]["numvfs"] == 50
+    assert (stopped["pfs"][pf]["mtu"], stopped["pfs"][pf]["up"]) == (
+        ready["pfs"][pf]["mtu"], ready["pfs"][pf]["up"])
+    assert vf_fields(stopped) == vf_fields(ready)
+    r = lifecycle(root, "--once", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = k.call("state")
+    assert again["driver"]["loaded_version"] == ready["driver"]["loaded_version"]
+    assert vf_fields(again) == vf_fields(ready)
+    assert again["pfs"][pf]["mtu"] == ready["pfs"][pf]["mtu"]

@@ -353,15 +353,27 @@ class Steps:
             self.log.info("inbox_restore.skipped", why="this node's driver was not reloaded by us")
             return
         wait_for_peermem_unload(self.node.paths, self.config, None, self.log)  # we are stopping
+        # a reload like any other: its VFs are saved first and restored after it (and by the next
+        # start if the stop is cut short: the snapshot stays pending until they are back)
+        self.step_snapshot()
         try:
             r = run_command(["mlnxofedctl", "--alt-mods", "force-restart"],
                             timeout_s=self.config.openibd_timeout_s, env=self.node.env,
                             what="restore the inbox driver")
         except (OSError, CommandTimeout) as e:
             self.log.error("inbox_restore.failed", error=str(e))
-            return
-        if r.ok:
+            r = None
+        if r is not None and r.ok:
             self.journal.set(reloaded_by_us=False)
-        else:
+        elif r is not None:
             self.log.error("inbox_restore.failed", rc=r.returncode, stderr=r.stderr.strip(),
                            next="run `mlnxofedctl --alt-mods force-restart` on the node")
+        if "mlx5_core" not in read_module_facts(self.node.paths):
+            self.log.error("inbox_restore.no_driver", next="no mlx5_core is loaded: the VFs are "
+                           "restored by the next start (their settings are saved)")
+            return
+        try:
+            self.restore_vfs(unwinding=False)
+        except (StepFailed, OSError) as e:
+            self.log.error("inbox_restore.vfs_not_restored", error=str(e),
+                           next="the next start restores the VFs still owed")
