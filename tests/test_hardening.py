@@ -85,3 +85,48 @@ def test_restore_driver_on_termination_keeps_every_vf_across_a_stop_and_a_start(
     assert again["driver"]["loaded_version"] == ready["driver"]["loaded_version"]
     assert vf_fields(again) == vf_fields(ready)
     assert again["pfs"][pf]["mtu"] == ready["pfs"][pf]["mtu"]
+
+
+JDIR = "run/mellanox/drivers/mofed-lifecycle"
+
+
+def test_a_damaged_snapshot_or_journal_is_never_nothing_to_do(make_node):
+    """Item 3: after a reload whose restore is pending, garbage in the snapshot is survived from
+    its copy; garbage in both is a loud failure (not ready), never "no restore pending"; a journal
+    with wrong JSON types falls back to its copy instead of crashing every start."""
+    import json
+
+    from .test_lifecycle import MARKER, events
+
+    late = MATCHING.replace('loaded_version = "25.07-0.9.7"', 'loaded_version = "24.10-1.1.4"')
+    late = late.replace("netdev_delay_s = 0.3", "netdev_delay_s = 0.3\nlate_vfs = { 1 = 300.0 }")
+    root, k = make_node(late, "damaged")
+    env = {"VF_RESTORE_TIMEOUT_SEC": "1", "READY_ON_PARTIAL_RESTORE": "false"}
+    r = lifecycle(root, "--once", env=env)
+    assert r.returncode == 1  # VF 1 is late: the restore stays pending
+    jdir = root / JDIR
+    assert json.loads((jdir / "journal.json").read_text())["facts"]["restore_pending"] is True
+    (jdir / "sriov-snapshot.json").write_text('{"taken_at": 1, "pfs": [')  # torn
+    k.call("wait_settled", timeout=60)  # the late VF's netdev appears meanwhile
+    r = lifecycle(root, "--once", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    used = next(e for e in events(r.stderr) if e["event"] == "snapshot.damaged")["used"]
+    assert used.endswith("sriov-snapshot.copy.json")
+    assert (root / MARKER).exists()
+
+    root, k = make_node(late, "damaged-both")
+    assert lifecycle(root, "--once", env=env).returncode == 1
+    for name in ("sriov-snapshot.json", "sriov-snapshot.copy.json"):
+        (root / JDIR / name).write_bytes(b"\xff\x00")
+    r = lifecycle(root, "--once", env=env)
+    assert r.returncode == 1 and not (root / MARKER).exists()
+    failed = next(e for e in events(r.stderr) if e["event"] == "step.failed")
+    assert "saved snapshot is damaged" in failed["error"] and "Traceback" not in r.stderr
+    status = json.loads((root / JDIR / "status.json").read_text())
+    assert "snapshot is damaged" in status["last_error"]
+
+    (root / JDIR / "journal.json").write_text('{"facts": [], "history": 3}')  # wrong types
+    r = lifecycle(root, "--once", env=env)
+    assert "Traceback" not in r.stderr
+    damaged = next(e for e in events(r.stderr) if e["event"] == "journal.damaged")
+    assert damaged["used"].endswith("journal.copy.json")

@@ -70,6 +70,37 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def read_json_record(path: Path, valid: Any) -> tuple[Any | None, str | None]:
+    """A record the daemon wrote: (document, None) if it reads and `valid(doc)` holds; (None,
+    None) if it is absent; (None, why) if it is damaged (unreadable, not JSON, wrong shape)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path}: unreadable ({e.strerror})"
+    try:
+        doc = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        return None, f"{path}: not valid JSON ({str(e)[:80]})"
+    if not valid(doc):
+        return None, f"{path}: not the expected record (wrong JSON types)"
+    return doc, None
+
+
+def read_record_with_copy(path: Path, copy: Path,
+                          valid: Any) -> tuple[Any | None, str | None, Path | None]:
+    """(document, what was damaged or None, the file used): the record, or its copy if the
+    record is damaged. Absent: (None, None, None); both damaged: (None, why, None)."""
+    doc, why = read_json_record(path, valid)
+    if why is None:  # read, or absent (deleted to start afresh: the copy is not resurrected)
+        return doc, None, path if doc is not None else None
+    spare, why_copy = read_json_record(copy, valid)
+    if spare is not None:
+        return spare, why or f"{path}: absent", copy
+    return None, "; ".join(w for w in (why, why_copy) if w) or None, None
+
+
 class LockHeld(RuntimeError):
     """Another instance holds the lock; `pid` is its process ID if it wrote one."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..host.files import atomic_write_json, read_json
+from ..host.files import atomic_write_json, read_record_with_copy
 from ..host.paths import NodePaths
 from .machine import SWAP_STATES, State
 
@@ -27,6 +27,12 @@ def journal_dir(paths: NodePaths, config: Config) -> Path:
     return paths.resolve(config.drivers_mount) / JOURNAL_DIR
 
 
+def valid_journal(doc: Any) -> bool:
+    return (isinstance(doc, dict) and isinstance(doc.get("facts", {}), dict)
+            and isinstance(doc.get("history", []), list)
+            and isinstance(doc.get("state") or "", str))
+
+
 class Journal:
     """Append-only history plus facts; every change is written before the step it announces."""
 
@@ -35,7 +41,9 @@ class Journal:
         self.path = directory / "journal.json"
         self.status_path = directory / "status.json"
         self.clock = clock
-        previous = read_json(self.path)
+        self.copy_path = directory / "journal.copy.json"  # the same record, written after it
+        previous, self.damaged, self.used = read_record_with_copy(
+            self.path, self.copy_path, valid_journal)
         self.previous: dict[str, Any] = previous if isinstance(previous, dict) else {}
         self.history: list[dict[str, Any]] = list(self.previous.get("history", []))[-HISTORY_LIMIT:]
         self.facts: dict[str, Any] = dict(self.previous.get("facts", {}))
@@ -74,6 +82,7 @@ class Journal:
         doc = {"pid": os.getpid(), "state": str(self.state) if self.state else None,
                "since": round(self.since, 6), "facts": self.facts, "history": self.history}
         atomic_write_json(self.path, doc)
+        atomic_write_json(self.copy_path, doc)  # a spare: a damaged journal.json is not the end
         atomic_write_json(self.status_path, {
             "state": doc["state"], "since": doc["since"], "pid": doc["pid"],
             "ready": self.state in (State.READY, State.SERVE),

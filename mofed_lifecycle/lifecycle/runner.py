@@ -55,6 +55,7 @@ class Runner(Steps):
         self.preflight: Preflight | None = None
         self.crash_at = os.environ.get(CRASH_AT_ENV, "")
         self.swap_failed = False  # a step of the swap failed: unblacklist, then fail
+        self.record_damaged: str | None = None  # the journal and its copy are unreadable
         # sd_notify (STATUS=, READY=1, STOPPING=1, WATCHDOG=1), heartbeat.json, metrics
         self.telemetry = Telemetry(p, config, self.journal,
                                    lambda: (self.state_name, self.journal.since))
@@ -96,6 +97,16 @@ class Runner(Steps):
 
     def _startup_cleanup(self) -> None:
         prev = self.journal.previous_state()
+        damaged, used = self.journal.damaged, self.journal.used
+        if damaged:  # loud, explicit: never "nothing to do"
+            self.log.error("journal.damaged", damaged=damaged,
+                           used=str(used) if used else None,
+                           next=f"resumed from {used}" if used else
+                           "neither journal.json nor its copy reads: the node's history is "
+                           "unknown, the daemon stays not ready; check the node (status, `sim "
+                           "state`/lsmod, ip link) and move the journal directory away to start "
+                           "afresh")
+            self.record_damaged = None if used else f"the journal is damaged: {damaged}"
         self.journal.start_run(previous_state=str(prev) if prev else None)
         if prev is not None:
             self.log.info("journal.resumed", previous_state=str(prev),

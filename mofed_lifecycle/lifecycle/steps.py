@@ -26,7 +26,7 @@ from ..host.modules import (
     read_module_facts,
 )
 from ..peermem.presence import wait_for_peermem_unload
-from ..sriov.model import merge_pending, untouched_pfs, without_vfs
+from ..sriov.model import Snapshot, merge_pending, untouched_pfs, without_vfs
 from ..sriov.restore import restore
 from ..sriov.snapshot import load_snapshot, pf_ifindexes, save_snapshot, take_snapshot
 from .blacklist import remove_blacklist, write_blacklist
@@ -53,6 +53,9 @@ class Steps:
 
     def step_inspect(self: Runner) -> Outcome:
         self.swap_failed = False  # a new cycle: a swap that failed earlier was unwound then
+        if self.record_damaged:
+            raise StepFailed(self.record_damaged + "; the node is left as it is, not ready: move "
+                             f"{self.journal.dir} away to start afresh")
         modules = compared_modules(self.config)
         self.facts = read_module_facts(self.node.paths)
         self.loaded = loaded_srcversions(self.node.paths, modules)
@@ -80,7 +83,7 @@ class Steps:
     def step_snapshot(self: Runner) -> Outcome:
         snap = take_snapshot(self.node.paths, self.node.netlink)
         pending = self.journal.facts.get("restore_pending")
-        kept = load_snapshot(self.journal.dir) if pending else None
+        kept = self.pending_snapshot() if pending else None
         if kept is not None:  # VFs a previous restore did not bring back keep their saved state
             done = set(self.journal.facts.get("restored_vfs") or [])
             snap, carried = merge_pending(snap, kept, done)
@@ -234,7 +237,7 @@ class Steps:
         """Restore the VFs still owed from the saved snapshot; StepFailed if some did not come
         back and the node may not be ready with them missing (or the swap failed anyway)."""
         pending = self.journal.facts.get("restore_pending")
-        snap = load_snapshot(self.journal.dir) if pending else None
+        snap = self.pending_snapshot() if pending else None
         if snap is None:
             self.log.info("restore.skipped", why="no restore pending: no VF is touched")
             return
@@ -284,6 +287,20 @@ class Steps:
                          next="the node is marked ready (READY_ON_PARTIAL_RESTORE=true); only "
                               "the missing VFs are retried from the saved snapshot at the "
                               "next start; VFs already restored are never touched again")
+
+    def pending_snapshot(self: Runner) -> Snapshot:
+        """The snapshot a pending restore replays (or its copy); a damaged one is a failure that
+        says so, never "no restore pending" (the VFs it holds would be lost without a word)."""
+        snap, damaged, used = load_snapshot(self.journal.dir)
+        if damaged:
+            self.log.error("snapshot.damaged", damaged=damaged, used=str(used) if used else None)
+        if snap is None:
+            raise StepFailed(f"a VF restore is pending but its saved snapshot "
+                             f"{'is damaged: ' + damaged if damaged else 'is missing'}; the VFs "
+                             "it held cannot be restored from it: recreate them by hand (sriov_"
+                             "numvfs, ip link set PF vf N ...), then clear restore_pending by "
+                             "moving the journal directory away")
+        return snap
 
     def unwind_restore(self: Runner) -> Outcome:
         """After a failed swap (modules loaded back, blacklist gone): restore the VFs if the NIC
@@ -355,7 +372,12 @@ class Steps:
         wait_for_peermem_unload(self.node.paths, self.config, None, self.log)  # we are stopping
         # a reload like any other: its VFs are saved first and restored after it (and by the next
         # start if the stop is cut short: the snapshot stays pending until they are back)
-        self.step_snapshot()
+        try:
+            self.step_snapshot()
+        except (StepFailed, OSError) as e:  # no saved VFs, no reload: do no harm
+            self.log.error("inbox_restore.skipped", error=str(e),
+                           next="the vendor driver stays loaded; the VFs could not be saved")
+            return
         try:
             r = run_command(["mlnxofedctl", "--alt-mods", "force-restart"],
                             timeout_s=self.config.openibd_timeout_s, env=self.node.env,

@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from ..host.files import atomic_write_json, read_json
+from ..host.files import atomic_write_json, read_record_with_copy
 from ..host.netlink_types import Netlink, NetlinkError, VfSettings
 from ..host.paths import NodePaths
 from .model import PfSnapshot, RepSnapshot, Snapshot, VfSnapshot
@@ -21,6 +21,7 @@ from .model import PfSnapshot, RepSnapshot, Snapshot, VfSnapshot
 MELLANOX = "0x15b3"
 REP_PORT = re.compile(r"^pf\d+vf(\d+)$")  # a VF representor's phys_port_name
 SNAPSHOT_FILE = "sriov-snapshot.json"
+SNAPSHOT_COPY = "sriov-snapshot.copy.json"
 
 
 def _read(path: Path) -> str | None:
@@ -145,16 +146,25 @@ def pf_ifindexes(paths: NodePaths, pcis: list[str]) -> dict[str, int | None]:
 
 
 def save_snapshot(directory: Path, snapshot: Snapshot) -> Path:
+    """The snapshot, then an identical copy: one damaged file never loses the VFs."""
     path = directory / SNAPSHOT_FILE
-    atomic_write_json(path, snapshot.to_json())
+    doc = snapshot.to_json()
+    atomic_write_json(path, doc)
+    atomic_write_json(directory / SNAPSHOT_COPY, doc)
     return path
 
 
-def load_snapshot(directory: Path) -> Snapshot | None:
-    doc = read_json(directory / SNAPSHOT_FILE)
-    if not isinstance(doc, dict):
-        return None
+def _parses(doc: object) -> bool:
     try:
-        return Snapshot.from_json(doc)
-    except (KeyError, TypeError, ValueError):
-        return None
+        Snapshot.from_json(doc)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def load_snapshot(directory: Path) -> tuple[Snapshot | None, str | None, Path | None]:
+    """(snapshot, what was damaged, the file used): the snapshot, or its copy if it is damaged;
+    (None, None, None) if there is none; (None, why, None) if both are damaged."""
+    doc, damaged, used = read_record_with_copy(directory / SNAPSHOT_FILE,
+                                               directory / SNAPSHOT_COPY, _parses)
+    return (Snapshot.from_json(doc) if doc is not None else None), damaged, used
