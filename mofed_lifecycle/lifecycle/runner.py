@@ -26,10 +26,11 @@ from ..log import Transitions, get_logger
 from ..signals import StopSignals
 from .blacklist import remove_blacklist
 from .decide import Decision
+from .errors import StepFailed
 from .journal import Journal, journal_dir
 from .machine import CRITICAL, Outcome, State, next_state
 from .preflight import Preflight
-from .steps import StepFailed, Steps
+from .steps import Steps
 from .telemetry import Telemetry
 
 EXIT_OK, EXIT_FAILED = 0, 1
