@@ -130,3 +130,12 @@ def test_a_damaged_snapshot_or_journal_is_never_nothing_to_do(make_node):
     assert "Traceback" not in r.stderr
     damaged = next(e for e in events(r.stderr) if e["event"] == "journal.damaged")
     assert damaged["used"].endswith("journal.copy.json")
+
+
+def test_a_marker_or_lock_path_that_is_a_directory_is_refused_naming_the_variable(tiny):
+    root, _k = tiny
+    (root / "run/mellanox/drivers/.driver-ready").mkdir(parents=True)
+    r = lifecycle(root, "--once")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "DRIVER_READY_PATH='/run/mellanox/drivers/.driver-ready'" in r.stderr
+    assert "is a directory" in r.stderr

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..host.commands import CommandTimeout
 from ..host.files import InstanceLock, LockHeld
 from ..host.modules import ModuleCommandError, read_module_facts
@@ -83,7 +83,19 @@ class Runner(Steps):
         return self.journal.state in CRITICAL
 
     # ---- the loop -------------------------------------------------------------------------------
+    def check_file_paths(self) -> None:
+        """The files the daemon writes must be files: a directory there is a configuration error
+        naming the variable (exit 2), not an errno deep inside a step."""
+        for var, value, path in (
+                ("LOCK_FILE_PATH", self.config.lock_file_path, self.lock.path),
+                ("DRIVER_READY_PATH", self.config.driver_ready_path, self.marker_path),
+                ("OFED_BLACKLIST_MODULES_FILE", self.config.blacklist_file, self.blacklist_path)):
+            if path.is_dir():
+                raise ConfigError(f"{var}={value!r}: {path} is a directory; point it at a file "
+                                  "(remove the directory if it was created by mistake)")
+
     def run(self) -> int:
+        self.check_file_paths()
         try:
             self.lock.acquire()
         except LockHeld as e:
