@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ConfigError, ScenarioError, NodeExists, UsageError) as e:
-        print(f"mofed-lifecycle: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, and a short one: a bad value is not echoed whole
+        print(f"mofed-lifecycle: {msg[:500] + ' ...' if len(msg) > 500 else msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED

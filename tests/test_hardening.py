@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from mofed_lifecycle.host.files import atomic_write_text
 
 from .test_lifecycle import lifecycle
@@ -139,3 +141,33 @@ def test_a_marker_or_lock_path_that_is_a_directory_is_refused_naming_the_variabl
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "DRIVER_READY_PATH='/run/mellanox/drivers/.driver-ready'" in r.stderr
     assert "is a directory" in r.stderr
+
+
+TINY = (Path(__file__).resolve().parent / "scenarios/tiny-eth.toml").read_text()
+
+
+@pytest.mark.parametrize("name,text,says", [
+    ("nested", "x = " + "[" * 5000 + "]" * 5000 + "\n" + TINY, "nested too deeply"),
+    ("inf", TINY.replace("time_scale = 0.01", "time_scale = inf"),
+     "node.time_scale: expected a finite number"),
+    ("nan-delay", TINY.replace("netdev_delay_s = [0.5, 2.0]", "netdev_delay_s = [0.5, nan]"),
+     "udev.netdev_delay_s[1]: expected a finite number"),
+    ("pf-string", 'pf = "x"\n' + TINY.split("[[pf]]")[0], "pf: expected list"),
+    ("dotdot", TINY.replace('name = "enp8s0f0np0"', 'name = ".."'), "name: invalid value '..'"),
+    ("huge", TINY.replace('name = "enp8s0f0np0"', 'name = "' + "x" * 3_000_000 + '"'),
+     "name: invalid value"),
+])
+def test_a_bad_scenario_is_one_short_line_exit_2_and_no_half_built_node(tmp_path, name, text,
+                                                                         says):
+    """Item 11: deep nesting, inf/nan, a PF that is not a table, a PF named "..", a huge value."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    root = tmp_path / "node"
+    r = subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", "sim", "init", str(path),
+                        "--root", str(root)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[:300]
+    assert r.stderr.count("\n") == 1 and len(r.stderr) < 700 and "Traceback" not in r.stderr
+    assert not root.exists()

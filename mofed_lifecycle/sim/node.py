@@ -64,6 +64,23 @@ def init_node(scenario_path: str | Path, root: str | Path, *, force: bool = Fals
             raise NodeExists(f"{root} is not empty{hint}: choose an empty or new directory")
         stop_kernel(root)
         shutil.rmtree(root)
+    created = not root.exists()
+    try:
+        _build(sc, Path(scenario_path), root)
+    except BaseException:  # never a half-built node: the directory as it was (absent or empty)
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for child in root.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+    return sc
+
+
+def _build(sc: Scenario, scenario_path: Path, root: Path) -> None:
     simdir = root / ".sim"
     simdir.mkdir(parents=True)
     (simdir / "scenario.toml").write_text(Path(scenario_path).read_text())
@@ -76,7 +93,6 @@ def init_node(scenario_path: str | Path, root: str | Path, *, force: bool = Fals
     for tool in TOOLS:
         _install_tool(simdir / "bin" / tool, tool, root)
     _install_tool(root / "etc/init.d/openibd", "openibd", root)
-    return sc
 
 
 def tool_path(root: Path) -> str:

@@ -5,6 +5,7 @@ The data they become, and the rules that derive what a scenario leaves out, are 
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,19 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
                      "vf_name", "rep_name", "vf", "fw"}),
     "extra_modules": frozenset({"name", "holds"}),
 }
+
+
+def _check_finite(where: str, data: dict[str, Any]) -> None:
+    """No inf or nan anywhere (TOML has them; no time, delay or count can be infinite)."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ScenarioError(f"{where}: {path}: expected a finite number, got {value}")
 
 
 def check_known_keys(where: str, table: str, raw: Any) -> None:
@@ -264,7 +278,10 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ScenarioError(f"{where}: not valid TOML: {e}") from None
+        raise ScenarioError(f"{where}: not valid TOML: {str(e)[:200]}") from None
+    except RecursionError:
+        raise ScenarioError(f"{where}: arrays or tables nested too deeply") from None
+    _check_finite(where, data)
     top = _Reader(where, data)
     check_known_keys(where, "", data)
     for table in ("node", "driver", "udev", "gpu"):
