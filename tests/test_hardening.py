@@ -171,3 +171,24 @@ def test_a_bad_scenario_is_one_short_line_exit_2_and_no_half_built_node(tmp_path
     assert r.returncode == 2 and says in r.stderr, r.stderr[:300]
     assert r.stderr.count("\n") == 1 and len(r.stderr) < 700 and "Traceback" not in r.stderr
     assert not root.exists()
+
+
+@pytest.mark.parametrize("attr,value", [
+    ("sriov_numvfs", b"four\n"), ("sriov_numvfs", b"99999999999\n"), ("sriov_numvfs", b"\xff\xfe"),
+    ("sriov_drivers_autoprobe", b"7\n")])
+def test_garbage_in_sysfs_stops_the_snapshot_before_anything_is_touched(tiny, attr, value):
+    """Item 4: a value the daemon cannot read stops the step with the file and the value named;
+    the node is untouched (no reload, VFs as they were), never a default that loses VFs."""
+    from .test_lifecycle import events
+
+    root, k = tiny
+    before = k.call("state")
+    (root / "sys/bus/pci/devices/0000:08:00.0" / attr).write_bytes(value)
+    r = lifecycle(root, "--once")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    failed = next(e for e in events(r.stderr) if e["event"] == "step.failed")
+    assert failed["state"] == "snapshot" and attr in failed["error"]
+    assert "nothing was changed" in failed["error"]
+    after = k.call("state")
+    assert reloads(root) == 0 and after["pfs"] == before["pfs"]
+    assert after["blacklist_files"] == []

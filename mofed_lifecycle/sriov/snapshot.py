@@ -26,7 +26,7 @@ SNAPSHOT_COPY = "sriov-snapshot.copy.json"
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text().strip()
+        return path.read_text(errors="replace").strip()
     except OSError:
         return None
 
@@ -34,6 +34,30 @@ def _read(path: Path) -> str | None:
 def _int(path: Path, default: int = 0) -> int:
     text = _read(path)
     return int(text) if text and text.lstrip("-").isdigit() else default
+
+
+class UnreadableAttribute(OSError):
+    """A sysfs attribute the snapshot needs holds something that is not a value: the step stops
+    before anything is touched, naming the file and what it holds (never a silent default)."""
+
+
+def _attr(path: Path, allowed: range | tuple[int, ...], absent: int) -> int:
+    """An integer attribute that must be one of `allowed`; `absent` if the file is not there."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return absent
+    except OSError as e:
+        raise UnreadableAttribute(f"{path}: cannot be read ({e.strerror})") from None
+    text = raw.decode("ascii", errors="replace").strip()
+    if text.lstrip("-").isdigit() and text.isascii() and int(text) in allowed:
+        return int(text)
+    shown = text[:40] + ("..." if len(text) > 40 else "")
+    expected = (f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range)
+                else " or ".join(map(str, allowed)))
+    raise UnreadableAttribute(f"{path} holds {shown!r}, not a value the snapshot can use "
+                              f"(expected {expected}); nothing was changed: check the device "
+                              "(dmesg, lspci -vv) before the reload")
 
 
 def mellanox_pfs(paths: NodePaths) -> list[str]:
@@ -102,7 +126,8 @@ def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
         dev = paths.pci_device(pci)
         netdev = netdev_of(paths, pci)
         link = netlink.link(netdev) if netdev else None
-        numvfs = _int(dev / "sriov_numvfs")
+        totalvfs = _attr(dev / "sriov_totalvfs", range(0, 65536), 0)
+        numvfs = _attr(dev / "sriov_numvfs", range(0, totalvfs + 1), 0)
         settings: list[VfSettings] = []
         if netdev and numvfs:
             try:
@@ -128,10 +153,10 @@ def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
                                     rlink.up if rlink else None))
         pfs.append(PfSnapshot(
             pci=pci, netdev=netdev,
-            link_type=_int(paths.net(netdev) / "type", 1) if netdev else 1,
+            link_type=_attr(paths.net(netdev) / "type", (1, 32), 1) if netdev else 1,
             mtu=link.mtu if link else None, up=link.up if link else None,
             mac=link.address if link else None, eswitch=eswitch_mode(paths, netdev),
-            numvfs=numvfs, autoprobe=_int(dev / "sriov_drivers_autoprobe", 1) != 0,
+            numvfs=numvfs, autoprobe=_attr(dev / "sriov_drivers_autoprobe", (0, 1), 1) != 0,
             vfs=tuple(vfs), representors=tuple(reps), ifindex=link.ifindex if link else None))
     return Snapshot(taken_at=time.time(), pfs=tuple(pfs))
 
