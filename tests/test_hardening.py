@@ -192,3 +192,25 @@ def test_garbage_in_sysfs_stops_the_snapshot_before_anything_is_touched(tiny, at
     after = k.call("state")
     assert reloads(root) == 0 and after["pfs"] == before["pfs"]
     assert after["blacklist_files"] == []
+
+
+def test_a_command_is_judged_by_its_own_exit_and_bounded_whatever_its_children_do():
+    """Item 6: a child left holding stdout neither makes a finished command look timed out nor
+    keeps us waiting; a command that overruns is killed and we return even if a child that left
+    its process group still holds the pipe."""
+    import time
+
+    import pytest as _pytest
+
+    from mofed_lifecycle.host.commands import DRAIN_S, CommandTimeout, run_command
+
+    # exits 0 at once, leaving a child (same group) that keeps stdout open for 30 s
+    start = time.monotonic()
+    r = run_command(["sh", "-c", "echo swapped; sleep 30 & exit 0"], timeout_s=10)
+    took = time.monotonic() - start
+    assert r.ok and "swapped" in r.stdout and took < 10  # not a timeout, not 30 s
+    # overruns; its child escapes the group (setsid) and holds stdout for 60 s
+    start = time.monotonic()
+    with _pytest.raises(CommandTimeout):
+        run_command(["sh", "-c", "setsid sleep 60 & sleep 60"], timeout_s=1)
+    assert time.monotonic() - start < 1 + DRAIN_S + 20  # bounded, not 60 s

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from ..log import get_logger
 
@@ -45,30 +48,57 @@ class CommandTimeout(TimeoutError):
     pass
 
 
+DRAIN_S = 2.0  # after the command exits (or is killed): how long its output may still be read
+
+
+def _drain(stream: IO[bytes], sink: list[bytes]) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while chunk := stream.read1(65536):  # type: ignore[attr-defined]
+            sink.append(chunk)
+
+
 def run_command(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
                 what: str | None = None) -> CommandResult:
-    """Run `argv` (no shell) in its own process group; kill the group if it overruns."""
+    """Run `argv` (no shell) in its own process group; kill the group if it overruns.
+
+    Success is judged from the command's own exit, not from the end of its output: a child it
+    leaves behind holding stdout (openibd starting a helper) neither makes a finished command
+    look timed out nor keeps us waiting; its output is read for DRAIN_S more, then left."""
     log = get_logger("command")
     start = time.monotonic()
     log.debug("command.started", argv=list(argv), timeout_s=timeout_s, what=what)
     try:
         proc = subprocess.Popen(  # noqa: S603 - argument list, never a shell
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=dict(env) if env is not None else None, start_new_session=True,
+            env=dict(env) if env is not None else None, start_new_session=True,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work (prctl)
         )
     except OSError as e:
         log.error("command.not_started", argv=list(argv), error=e.strerror,
                   hint=f"is {argv[0]} installed and on PATH?")
         raise
+    chunks: tuple[list[bytes], list[bytes]] = ([], [])
+    readers = [threading.Thread(target=_drain, args=(stream, sink), daemon=True,
+                                name=f"output-{proc.pid}")
+               for stream, sink in ((proc.stdout, chunks[0]), (proc.stderr, chunks[1]))]
+    for t in readers:
+        t.start()
+    timed_out = False
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    drained_by = time.monotonic() + DRAIN_S  # a child outside the group may keep a pipe open
+    for t in readers:
+        t.join(timeout=max(0.0, drained_by - time.monotonic()))
+    out, err = (b"".join(c).decode(errors="replace") for c in chunks)
+    if timed_out:
         log.error("command.timeout", argv=list(argv), timeout_s=timeout_s,
                   stdout=out[-OUTPUT_LOG_LIMIT:], stderr=err[-OUTPUT_LOG_LIMIT:])
-        raise CommandTimeout(f"{' '.join(argv)} did not finish within {timeout_s:.0f}s") from None
+        raise CommandTimeout(f"{' '.join(argv)} did not finish within {timeout_s:g}s")
     result = CommandResult(tuple(argv), proc.returncode, out, err,
                            round(time.monotonic() - start, 3))
     log.info("command.finished", argv=list(argv), rc=proc.returncode,
