@@ -11,10 +11,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import ConfigError, load_config
 from .log import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from .host.node import Node
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -184,16 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def open_node_at(root: Path) -> Node:
+    """The composition root chooses the seam: a root made by `sim init` gets the simulated
+    kernel's, any other (`/` on a real node) the real one."""
+    from .sim.client import is_simulated
+
+    if is_simulated(root):
+        from .sim.seam import open_sim_node
+
+        return open_sim_node(root)
     from .host.node import open_node
 
+    return open_node(root)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(os.environ)
     if config.entrypoint_debug:
         debug_file = open_debug_trace(args.root, config.debug_log_file)
         configure_logging(json=None if args.log_format == "auto" else args.log_format == "json",
                           level="debug", also=debug_file)
     get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
-    node = open_node(args.root)
+    node = open_node_at(args.root)
     try:
         if args.dry_run:
             from .lifecycle.dry_run import dry_run

@@ -273,8 +273,8 @@ def test_a_setting_the_kernel_accepted_but_did_not_keep_fails_that_vf_by_name(ti
 
     import structlog
 
-    from mofed_lifecycle.host.node import open_node
     from mofed_lifecycle.sim.admin import set_vf
+    from mofed_lifecycle.sim.seam import open_sim_node as open_node
     from mofed_lifecycle.sriov.restore import restore
     from mofed_lifecycle.sriov.snapshot import take_snapshot
 

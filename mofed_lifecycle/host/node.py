@@ -1,19 +1,21 @@
-"""Wires the node's seams in one place: paths, netlink, sysfs writes, udev events, tool PATH.
+"""The node the daemon's logic sees: paths, netlink, sysfs writes, udev events, tool PATH.
 
-A root made by `mofed-lifecycle sim init` gets the simulated kernel's side of each seam; any other
-root (`/` on a real node) gets the real one. The daemon's logic only ever sees a `Node`.
+`open_node` wires a real node (`/` or another root) to the real kernel. A simulated node is wired
+by `sim/seam.py` (`open_sim_node`); which of the two a root gets is chosen by the caller (the
+CLI), so nothing here knows the simulator. The daemon's logic only ever sees a `Node`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .netlink_types import Netlink
 from .paths import NodePaths
 from .sysfs import KernelSysfs, SysfsWriter
-from .udev import NetdevEvents, PyudevNetdevEvents, umockdev_active_for
+from .udev import NetdevEvents, PyudevNetdevEvents
 
 
 @dataclass
@@ -23,35 +25,22 @@ class Node:
     sysfs: SysfsWriter
     simulated: bool
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # starts listening for netdev events (called before the action that causes them)
+    events: Callable[[], NetdevEvents] = PyudevNetdevEvents
+    closers: tuple[Callable[[], None], ...] = ()  # connections the seams hold besides netlink
 
     def netdev_events(self) -> NetdevEvents:
         """Start listening for netdev events now (call before the action that causes them)."""
-        if self.simulated and not umockdev_active_for(self.paths.root):
-            from ..sim.udev import SimNetdevEvents
-
-            return SimNetdevEvents(self.paths.root)
-        return PyudevNetdevEvents()
+        return self.events()
 
     def close(self) -> None:
         self.netlink.close()
-        closer = getattr(self.sysfs, "client", None)  # a simulated node's kernel connections
-        if closer is not None:
-            closer.close()
+        for close in self.closers:
+            close()
 
 
 def open_node(root: str | Path) -> Node:
-    paths = NodePaths.at(root)
-    from ..sim.client import is_simulated
-
-    if is_simulated(paths.root):
-        from ..sim.client import PerThreadClient
-        from ..sim.netlink import SimNetlink
-        from ..sim.node import tool_path
-        from ..sim.sysfs import SimSysfs
-
-        client = PerThreadClient(paths.root)
-        env = {**os.environ, "PATH": tool_path(paths.root)}
-        return Node(paths, SimNetlink(client), SimSysfs(client), True, env)
+    """A node whose seams are the real kernel's (pyroute2, sysfs writes, pyudev)."""
     from .netlink import PyrouteNetlink
 
-    return Node(paths, PyrouteNetlink(), KernelSysfs(), False)
+    return Node(NodePaths.at(root), PyrouteNetlink(), KernelSysfs(), False)

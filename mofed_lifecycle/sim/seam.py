@@ -1,0 +1,34 @@
+"""A simulated node's side of every seam of `host.node.Node`, for a root made by `sim init`.
+
+Netlink and sysfs writes go to the node's kernel process; the stand-in tools come first on PATH;
+udev events come through the real libudev when umockdev redirects it to the root, else from the
+kernel process's event stream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..host.node import Node
+from ..host.paths import NodePaths
+from ..host.udev import NetdevEvents, PyudevNetdevEvents, umockdev_active_for
+from .client import PerThreadClient
+from .netlink import SimNetlink
+from .node import tool_path
+from .sysfs import SimSysfs
+from .udev import SimNetdevEvents
+
+
+def open_sim_node(root: str | Path) -> Node:
+    paths = NodePaths.at(root)
+    client = PerThreadClient(paths.root)
+
+    def events() -> NetdevEvents:
+        if umockdev_active_for(paths.root):
+            return PyudevNetdevEvents()
+        return SimNetdevEvents(paths.root)
+
+    env = {**os.environ, "PATH": tool_path(paths.root)}
+    return Node(paths, SimNetlink(client), SimSysfs(client), True, env, events=events,
+                closers=(client.close,))
