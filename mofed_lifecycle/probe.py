@@ -25,7 +25,7 @@ import psutil
 
 from .config import Config
 from .heartbeat import read_heartbeat
-from .host.files import read_json
+from .host.files import InstanceLock, read_json
 from .host.paths import NodePaths
 from .lifecycle.journal import journal_dir
 from .status import driver_srcversions, module_list, read_marker
@@ -113,17 +113,17 @@ def probe_live(root: Path, config: Config, max_age_s: float | None = None,
     return ProbeResult(True, f"heartbeat {age:.1f}s ago; state {state} for {in_state:.1f}s")
 
 
-def lock_holder(paths: NodePaths, config: Config, within_s: float) -> int | None:
+def fresh_lock_holder(paths: NodePaths, config: Config, within_s: float) -> int | None:
     """The PID of the live `mofed-lifecycle` process that took the run lock less than `within_s`
     ago (the lock file is rewritten when it is taken), if any. Read from the lock file, never by
     taking the lock: a probe must not make a starting daemon fail."""
-    lock = paths.resolve(config.lock_file_path)
+    lock = InstanceLock(paths.resolve(config.lock_file_path))
     try:
-        if time.time() - lock.stat().st_mtime > within_s:
+        if time.time() - lock.path.stat().st_mtime > within_s:
             return None
-        pid = int(lock.read_text().split()[0])
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except (OSError, ValueError, IndexError, psutil.Error):
+        pid = lock.holder_pid()
+        cmdline = " ".join(psutil.Process(pid).cmdline()) if pid else ""
+    except (OSError, psutil.Error):
         return None
     return pid if "mofed-lifecycle" in cmdline or "mofed_lifecycle" in cmdline else None
 
@@ -132,7 +132,7 @@ def _starting(paths: NodePaths, config: Config, beat_pid: object) -> ProbeResult
     """A daemon that took the lock moments ago but has not beaten yet (the heartbeat is absent
     or a predecessor's): alive, starting. Its first beat follows the lock at once, so "starting"
     lasts at most 3 heartbeat intervals."""
-    pid = lock_holder(paths, config, 3 * config.heartbeat_interval_s)
+    pid = fresh_lock_holder(paths, config, 3 * config.heartbeat_interval_s)
     if pid is None or pid == beat_pid:
         return None
     return ProbeResult(True, f"the daemon (pid {pid}) is starting: it holds the lock, its first "

@@ -69,8 +69,8 @@ class Steps(RestoreSteps):
         if self.decision.reload:  # not ready from here on; a watching peermem loader steps aside
             self.clear_marker("a reload is needed")
             return Outcome.RELOAD
-        if self.owed_modules():  # a predecessor died after unloading
-            self.log.warning("modules.owed", modules=self.owed_modules(),
+        if owed := self.owed_modules():  # a predecessor died after unloading
+            self.log.warning("modules.owed", modules=owed,
                              why="a previous run was killed after unloading them for its swap")
             self.step_reload_aux()
         return Outcome.NO_RELOAD
