@@ -33,6 +33,12 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)  # replaces a symlink at `path` itself, never its target
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.filename is None:  # os.write/fsync name no file: "No space left on device" alone
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -83,8 +89,10 @@ def read_json_record(path: Path, valid: Any) -> tuple[Any | None, str | None]:
         doc = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as e:
         return None, f"{path}: not valid JSON ({str(e)[:80]})"
-    if not valid(doc):
-        return None, f"{path}: not the expected record (wrong JSON types)"
+    verdict = valid(doc)  # True, or False / a reason why not
+    if verdict is not True:
+        why = verdict if isinstance(verdict, str) and verdict else "wrong JSON types"
+        return None, f"{path}: not the expected record ({why})"
     return doc, None
 
 
@@ -99,6 +107,43 @@ def read_record_with_copy(path: Path, copy: Path,
     if spare is not None:
         return spare, why or f"{path}: absent", copy
     return None, "; ".join(w for w in (why, why_copy) if w) or None, None
+
+
+class SpaceReserve:
+    """A file of `size` bytes held on a filesystem so that, when it fills up, deleting it gives
+    the writes that must not fail (the journal) room to land."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+
+    def ensure(self) -> bool:
+        """Create it if absent; False if there is no room for it (nothing is left behind)."""
+        if self.path.exists():
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return True
+        except OSError:
+            return False
+        try:
+            os.posix_fallocate(fd, 0, self.size)  # really allocated, not a sparse hole
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return False
+        os.close(fd)
+        return True
+
+    def release(self) -> bool:
+        """Delete it; True if there was one to give back."""
+        try:
+            self.path.unlink()
+        except OSError:
+            return False
+        return True
 
 
 class LockHeld(RuntimeError):
@@ -128,9 +173,12 @@ class InstanceLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise LockHeld(self.path, self.holder_pid()) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        # the lock is the flock; the PID in it is for people and probes: a full disk (ENOSPC)
+        # must not stop the daemon that has to remove the host blacklist
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
 
     def holder_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):

@@ -8,18 +8,25 @@ what the previous run had done (blacklist written, driver swapped by us) that th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..host.files import atomic_write_json, read_record_with_copy
+from ..host.files import SpaceReserve, atomic_write_json, read_record_with_copy
 from ..host.paths import NodePaths
+from ..log import get_logger
 from .machine import SWAP_STATES, State
 
 HISTORY_LIMIT = 500  # entries kept (oldest dropped): a journal never grows without bound
 JOURNAL_DIR = "mofed-lifecycle"
+# room kept on the drivers mount for the journal: deleted when the mount is full, so that the
+# writes of a swap under way still land (a few dozen journals' worth)
+RESERVE_FILE, RESERVE_BYTES = "journal.reserve", 1 << 20
 
 
 def journal_dir(paths: NodePaths, config: Config) -> Path:
@@ -36,12 +43,23 @@ def valid_journal(doc: Any) -> bool:
 class Journal:
     """Append-only history plus facts; every change is written before the step it announces."""
 
-    def __init__(self, directory: Path, clock: Any = time.time) -> None:
+    def __init__(self, directory: Path, clock: Any = time.time,
+                 on_unsaved: Callable[[str | None], None] | None = None) -> None:
         self.dir = directory
+        # set while the last write failed (a full or read-only drivers mount): the daemon goes on
+        # with what it holds in memory, so that a swap under way is finished and unwound (the host
+        # blacklist removed, the VFs restored), and reports it; cleared by the next good write
+        self.unsaved: str | None = None
+        self.on_unsaved = on_unsaved
         self.path = directory / "journal.json"
         self.status_path = directory / "status.json"
         self.clock = clock
         self.copy_path = directory / "journal.copy.json"  # the same record, written after it
+        self.reserve = SpaceReserve(directory / RESERVE_FILE, RESERVE_BYTES)
+        self.log = get_logger("journal")
+        self.spare_failed = False
+        # the mount filled up this run, or has no room for the reserve: no new swap is started
+        self.no_reserve = False
         previous, self.damaged, self.used = read_record_with_copy(
             self.path, self.copy_path, valid_journal)
         self.previous: dict[str, Any] = previous if isinstance(previous, dict) else {}
@@ -64,6 +82,14 @@ class Journal:
 
     # ---- this run ------------------------------------------------------------------------------
     def start_run(self, **detail: Any) -> None:
+        with contextlib.suppress(OSError):  # a read-only mount: the writes below say so
+            self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.reserve.ensure():
+            self.no_reserve = True
+            self.log.warning("journal.no_reserve", path=str(self.reserve.path),
+                             bytes=RESERVE_BYTES, why="no room on the drivers mount to keep it",
+                             next="free space there; until then no driver swap is started (one "
+                                  "could not be finished durably)")
         self.run_started = self.clock()
         self.history.append({"run": os.getpid(), "at": round(self.run_started, 6), **detail})
         self.write()
@@ -78,16 +104,67 @@ class Journal:
         self.facts.update(facts)
         self.write()
 
+    def commit(self, **facts: Any) -> bool:
+        """Set `facts` only if they reach the disk: False (and memory as it was) if the write
+        failed. For facts that must be durable before the node is touched."""
+        missing = object()
+        before = {k: self.facts.get(k, missing) for k in facts}
+        self.set(**facts)
+        if self.unsaved is None:
+            return True
+        for k, v in before.items():
+            if v is missing:
+                self.facts.pop(k, None)
+            else:
+                self.facts[k] = v
+        return False
+
     def write(self) -> None:
         doc = {"pid": os.getpid(), "state": str(self.state) if self.state else None,
                "since": round(self.since, 6), "facts": self.facts, "history": self.history}
-        atomic_write_json(self.path, doc)
-        atomic_write_json(self.copy_path, doc)  # a spare: a damaged journal.json is not the end
-        atomic_write_json(self.status_path, {
+        try:
+            self._write_primary(doc)
+        except OSError as e:
+            first = self.unsaved is None
+            self.unsaved = f"{e.filename or self.path}: {e.strerror or e}"
+            if first and self.on_unsaved is not None:
+                self.on_unsaved(self.unsaved)
+            return
+        if self.unsaved is not None and self.on_unsaved is not None:
+            self.unsaved = None
+            self.on_unsaved(None)  # saved again: memory and disk agree
+        self.unsaved = None
+        try:  # the spare and the summary: best effort (the journal itself is on disk)
+            atomic_write_json(self.copy_path, doc)  # a damaged journal.json is not the end
+            atomic_write_json(self.status_path, self._status(doc))
+        except OSError as e:
+            if not self.spare_failed:
+                self.log.warning("journal.spare_unsaved", error=str(e),
+                                 why="journal.json is saved; its copy or status.json is not")
+            self.spare_failed = True
+        else:
+            self.spare_failed = False
+
+    def _write_primary(self, doc: dict[str, Any]) -> None:
+        try:
+            atomic_write_json(self.path, doc)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self.reserve.release():
+                raise
+            self.no_reserve = True
+            self.log.error("journal.reserve_released", path=str(self.reserve.path),
+                           bytes=RESERVE_BYTES, mount=str(self.dir.parent),
+                           why="the drivers mount is full (No space left on device)",
+                           next=f"free space on {self.dir.parent}: the journal goes on in the "
+                                "room kept for it, and a new reserve is kept at the next start")
+            atomic_write_json(self.path, doc)
+
+    def _status(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return {
             "state": doc["state"], "since": doc["since"], "pid": doc["pid"],
             "ready": self.state in (State.READY, State.SERVE),
             "reason": self.facts.get("reason"), "last_error": self.facts.get("last_error"),
             "decision": self.facts.get("decision_text"),
             "reloaded_by_us": self.facts.get("reloaded_by_us", False),
-        })
+        }
 
