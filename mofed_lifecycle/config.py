@@ -239,6 +239,10 @@ SPECS: tuple[Spec, ...] = (
          "one `openibd restart` may take this long before it is killed and retried"),
     Spec("OPENIBD_ATTEMPTS", "openibd_attempts", parse_count, "3",
          "`openibd restart` attempts before the reload counts as failed"),
+    Spec("TOOL_TIMEOUT_SEC", "tool_timeout_s", seconds_in(0.5, 3600), "60",
+         "one modinfo, modprobe, rmmod or mount may take this long before it is killed; the "
+         "commands of one step (the stack's modinfo, the holders unloaded, the modules loaded "
+         "back) share twice this, so hanging modprobes cannot stretch a stop past its budget"),
     Spec("RECHECK_INTERVAL_SEC", "recheck_interval_s", seconds_in(0.01, 86400), "60",
          "after a refused or failed reload: seconds between re-checks (the daemon stays up)"),
     Spec("VF_RESTORE_TIMEOUT_SEC", "vf_restore_timeout_s", seconds_in(0.01, 14400), "300",
@@ -313,6 +317,7 @@ class Config:
     udev_rules_file: str
     openibd_timeout_s: float
     openibd_attempts: int
+    tool_timeout_s: float
     recheck_interval_s: float
     vf_restore_timeout_s: float
     vf_restore_workers: int

@@ -7,9 +7,9 @@ Event with a timeout, never a bare sleep, and beats one last time with `running:
 
 A beat records the current state and since when. Every state but the event waits (serve, refused,
 failed) has a budget: the longest its step can legitimately take given the configured timeouts
-(`state_budget_s`). A state held past its budget means the step is hung: the beat says `overdue`,
-`WATCHDOG=1` stops (systemd restarts the unit) and `mofed-lifecycle probe live` fails (kubelet
-restarts the container); the journal makes the next run resume where this one hung.
+(`lifecycle/budget.py`). A state held past its budget means the step is hung: the beat says
+`overdue`, `WATCHDOG=1` stops (systemd restarts the unit) and `mofed-lifecycle probe live` fails
+(kubelet restarts the container); the journal makes the next run resume where this one hung.
 """
 
 from __future__ import annotations
@@ -21,46 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import Config
 from .host.files import atomic_write_json, read_json
 from .log import get_logger
 from .notify import Notifier
 
 HEARTBEAT_FILE = "heartbeat.json"
-TOOL_TIMEOUT_S = 60.0  # lifecycle/steps.py's bound on modprobe, modinfo, mount
-STEP_BUDGET_S = 900.0  # any other step: a few tool calls, each bounded by TOOL_TIMEOUT_S
-MARGIN_S = 120.0
-UNBOUNDED = frozenset({"serve", "refused", "failed", "stopped"})  # waits on the stop Event
-
-
-def state_budget_s(state: str | None, config: Config) -> float | None:
-    """How long the daemon may stay in `state` before it counts as hung (None: no bound)."""
-    if state is None or state in UNBOUNDED:
-        return None
-    if state == "reload":  # every openibd attempt may run to its timeout, 1 s apart
-        return config.openibd_timeout_s * config.openibd_attempts + config.openibd_attempts \
-            + MARGIN_S
-    if state == "restore":
-        return config.vf_restore_timeout_s + MARGIN_S
-    if state == "stopping":  # RESTORE_DRIVER_ON_POD_TERMINATION: mlnxofedctl, the VF restore
-        return config.openibd_timeout_s + config.vf_restore_timeout_s + MARGIN_S
-    return STEP_BUDGET_S
-
-
-def stop_budget_s(config: Config) -> float:
-    """Worst case from SIGTERM to exit: SIGTERM lands as the reload starts, the swap is finished
-    (every openibd attempt to its timeout, the aux modules loaded again, the blacklist removed),
-    the VFs are restored (up to VF_RESTORE_TIMEOUT_SEC: a stop never leaves the node without
-    them), then the stop (mlnxofedctl with RESTORE_DRIVER_ON_POD_TERMINATION). Size
-    terminationGracePeriodSeconds and TimeoutStopSec= to at least this; a stop outside the swap
-    takes well under a second, and kubelet/systemd only wait as long as the process runs."""
-    attempts = config.openibd_attempts
-    swap = config.openibd_timeout_s * attempts + (attempts - 1) * 1.0
-    aux = TOOL_TIMEOUT_S * (len(config.mlx5_auxiliary_modules) + 1)
-    # RESTORE_DRIVER_ON_POD_TERMINATION: mlnxofedctl, then the VFs restored on the inbox driver
-    inbox = (config.openibd_timeout_s + config.vf_restore_timeout_s
-             if config.restore_driver_on_termination else 0.0)
-    return swap + aux + config.vf_restore_timeout_s + inbox + 30.0
 
 
 def read_heartbeat(directory: Path) -> dict[str, Any] | None:

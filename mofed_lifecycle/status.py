@@ -17,10 +17,11 @@ from typing import Any
 import psutil
 
 from .config import Config
-from .heartbeat import read_heartbeat, stop_budget_s
+from .heartbeat import read_heartbeat
 from .host.files import read_json
 from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
 from .host.paths import NodePaths
+from .lifecycle.budget import stop_budget_s
 from .lifecycle.decide import CORE
 from .lifecycle.journal import journal_dir
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mofed_lifecycle.config import load_config
-from mofed_lifecycle.heartbeat import stop_budget_s
+from mofed_lifecycle.lifecycle.budget import stop_budget_s
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERFILE = REPO / "container" / "Containerfile"
@@ -116,12 +116,15 @@ def test_daemonset_keeps_the_operators_contract_and_probes_what_matters(path):
 
 
 def test_the_sigterm_budget_covers_a_stop_during_the_swap():
-    # openibd attempts, aux modules + 1, the VF restore (part of the stop), margin
-    assert BUDGET == 600 * 3 + 2 + 60 * 4 + 300 + 30
+    # the holders unloaded and the modules loaded back within their tool budgets (2 x 60 s, each
+    # + 5 s for a killed command's exit and output), every openibd attempt to its timeout (+5 s)
+    # 1 s apart, the VF restore (part of the stop), the margin
+    assert BUDGET == 125 + (3 * 605 + 2) + 125 + 300 + 30
     with_inbox = load_config({"RESTORE_DRIVER_ON_POD_TERMINATION": "true"},
                              require_driver_version=False)
-    # the inbox restore: mlnxofedctl to its timeout, then the VFs restored on the inbox driver
-    assert stop_budget_s(with_inbox) == BUDGET + 600 + 300
+    # the inbox restore: the peermem loader's unload, mlnxofedctl to its timeout, then the VFs
+    # restored on the inbox driver
+    assert stop_budget_s(with_inbox) == BUDGET + 30 + 605 + 300
 
 
 # ---- systemd ------------------------------------------------------------------------------------

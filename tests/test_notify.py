@@ -16,7 +16,8 @@ import uuid
 from pathlib import Path
 
 from mofed_lifecycle.config import load_config
-from mofed_lifecycle.heartbeat import Heartbeat, read_heartbeat, state_budget_s
+from mofed_lifecycle.heartbeat import Heartbeat, read_heartbeat
+from mofed_lifecycle.lifecycle.budget import state_budget_s
 from mofed_lifecycle.notify import Notifier, socket_address, watchdog_interval_s
 
 from .test_lifecycle import MARKER, journal_states, lifecycle, wait_for

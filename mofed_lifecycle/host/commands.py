@@ -90,7 +90,12 @@ def run_command(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str]
         timed_out = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:  # a process in uninterruptible sleep (a module init inside init_module(2)) does not
+            proc.wait(timeout=DRAIN_S)  # die on SIGKILL: it is left, named, never waited for
+        except subprocess.TimeoutExpired:
+            log.error("command.unkillable", argv=list(argv), pid=proc.pid,
+                      next="it is stuck in the kernel (state D in `ps`); see `cat /proc/"
+                           f"{proc.pid}/stack` and dmesg; a reboot may be needed to clear it")
     drained_by = time.monotonic() + DRAIN_S  # a child outside the group may keep a pipe open
     for t in readers:
         t.join(timeout=max(0.0, drained_by - time.monotonic()))

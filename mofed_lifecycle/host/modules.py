@@ -8,7 +8,9 @@ readings live in `lifecycle/decide.py` and `lifecycle/preflight.py`.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,14 +100,22 @@ def _run(argv: list[str], env: Mapping[str, str], timeout_s: float, what: str) -
             f"{argv[0]} on PATH?", argv=argv) from None
 
 
-def installed_srcversions(modules: Iterable[str], env: Mapping[str, str],
-                          timeout_s: float) -> dict[str, str | None]:
+def installed_srcversions(modules: Iterable[str], env: Mapping[str, str], timeout_s: float,
+                          total_s: float | None = None) -> dict[str, str | None]:
     """`modinfo -F srcversion <m>` per module (a few at once); None on empty output or a non-zero
-    exit (not installed, or an unversioned build)."""
+    exit (not installed, or an unversioned build). `total_s`: all of them within this (a call
+    gets what is left, and none starts once it is spent: ModuleCommandError)."""
     names = list(dict.fromkeys(modules))
+    end = time.monotonic() + (total_s if total_s is not None else math.inf)
 
     def one(m: str) -> str | None:
-        r = _run(["modinfo", "-F", "srcversion", m], env, timeout_s, f"srcversion of {m}")
+        left = end - time.monotonic()
+        if left <= 0.05:
+            raise ModuleCommandError(f"modinfo {m} not started: the {total_s:g}s for the stack's "
+                                     "modinfo calls are spent on calls that did not finish; see "
+                                     "the process list and `dmesg`, then retry")
+        r = _run(["modinfo", "-F", "srcversion", m], env, min(timeout_s, left),
+                 f"srcversion of {m}")
         lines = r.stdout.strip().splitlines() if r.ok else []
         return lines[0].strip() if lines and lines[0].strip() else None
 

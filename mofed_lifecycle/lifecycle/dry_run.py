@@ -5,9 +5,9 @@ from __future__ import annotations
 from ..config import Config
 from ..host.modules import installed_srcversions, loaded_srcversions, read_module_facts
 from ..host.node import Node
+from .budget import tools_budget_s
 from .decide import compared_modules, decide
 from .preflight import plan
-from .steps import TOOL_TIMEOUT_S
 
 
 def dry_run(node: Node, config: Config) -> tuple[bool, str]:
@@ -15,7 +15,8 @@ def dry_run(node: Node, config: Config) -> tuple[bool, str]:
     modules = compared_modules(config)
     facts = read_module_facts(node.paths)
     decision = decide(loaded_srcversions(node.paths, modules),
-                      installed_srcversions(modules, node.env, TOOL_TIMEOUT_S), modules,
+                      installed_srcversions(modules, node.env, config.tool_timeout_s,
+                                            tools_budget_s(config)), modules,
                       present=set(facts))
     lines = [f"decision: {decision.explain()}"]
     if not decision.reload:

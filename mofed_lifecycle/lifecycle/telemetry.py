@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import Config
-from ..heartbeat import Heartbeat, state_budget_s
+from ..heartbeat import Heartbeat
 from ..host.paths import NodePaths
 from ..metrics import Metrics
 from ..notify import Notifier
+from .budget import state_budget_s
 from .journal import Journal
 from .machine import State
 

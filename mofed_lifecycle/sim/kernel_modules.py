@@ -75,6 +75,11 @@ class ModulesMixin:
         self.st.modules[name] = Module(name, srcversion, version, uses)
         self.note("module.loaded", module=name, srcversion=srcversion, version=version)
 
+    def hanging_loads(self: SimKernel, names: list[str]) -> list[str]:
+        """The modules among `names` whose load would block forever (scenario `load_hangs`)."""
+        return [canon(n) for n in names
+                if canon(n) in self.sc.hanging_loads and canon(n) not in self.st.modules]
+
     def load_module(self: SimKernel, name: str, *, use_blacklist: bool = False,
                     host_tree: bool = False) -> list[str]:
         """`modprobe NAME`: load it and its dependencies from the installed tree (the driver

@@ -214,6 +214,7 @@ class Scenario:
     pfs: tuple[PfSpec, ...]
     gpu: GpuSpec | None
     host: HostSpec = field(default_factory=HostSpec)
+    hanging_loads: frozenset[str] = frozenset()  # extra modules whose `modprobe` never returns
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def scaled(self, seconds: float) -> float:

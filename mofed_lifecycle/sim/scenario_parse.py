@@ -73,7 +73,9 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
     "gpu": frozenset({"peermem_start_s", "peermem_ko", "peermem_loaded", "peermem_users"}),
     "pf": frozenset({"pci", "name", "link", "mtu", "up", "eswitch", "numvfs", "totalvfs",
                      "vf_name", "rep_name", "vf", "fw"}),
-    "extra_modules": frozenset({"name", "holds"}),
+    # load_hangs (a simulator extension): `modprobe NAME` never returns (its init blocks, e.g. on
+    # an unreachable storage target) until it is killed; the module is not loaded
+    "extra_modules": frozenset({"name", "holds", "load_hangs"}),
 }
 
 
@@ -293,6 +295,7 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
     udev = _Reader(f"{where}: [udev]", top.get("udev", dict, {}))
     seed = node.get("seed", int, 0)
     extra = []
+    hanging: set[str] = set()
     for i, em in enumerate(drv.get("extra_modules", list, [])):
         er = _Reader(f"{where}: [driver].extra_modules[{i}]", em)
         check_known_keys(f"{where}: [driver].extra_modules[{i}]", "extra_modules", em)
@@ -301,6 +304,8 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
         if not all(isinstance(h, str) and MODULE_RE.match(h) for h in names):
             raise er.fail("holds", f"module names only, got {holds!r}")
         extra.append((names[0].replace("-", "_"), tuple(h.replace("-", "_") for h in holds)))
+        if er.get("load_hangs", bool, False):
+            hanging.add(extra[-1][0])
     aux = drv.get("aux_loaded", list, [])
     if not all(a in AUX_DEPS for a in aux):
         raise drv.fail("aux_loaded", f"known auxiliary modules: {', '.join(AUX_DEPS)}")
@@ -347,6 +352,7 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
                                         check=lambda v: v >= 0)),
         openibd_failures=drv.get("openibd_failures", int, 0, check=lambda v: v >= 0),
         extra_modules=tuple(extra),
+        hanging_loads=frozenset(hanging),
         aux_loaded=tuple(aux),
         env=dict(env),
         netdev_delay=_delay(udev, "netdev_delay_s", 0.5),

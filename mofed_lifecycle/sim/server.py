@@ -101,6 +101,7 @@ class KernelServer:
             "modprobe": lambda: [x for n in args["names"] for x in
                                  k.load_module(n, use_blacklist=args.get("blacklist", False),
                                                host_tree=bool(args.get("host_tree", False)))],
+            "load_hangs": lambda: k.hanging_loads(args["names"]),
             "modprobe_remove": lambda: [x for n in args["names"] for x in k.remove_module(n)],
             "rmmod": lambda: k.unload_module(args["name"]),
             "lsmod": k.lsmod_rows,

@@ -143,6 +143,11 @@ def modprobe(root: Path, argv: list[str]) -> int:
         with KernelClient(root) as k:
             if remove:
                 k.call("modprobe_remove", names=names)
+            elif hanging := k.call("load_hangs", names=names):
+                print(f"modprobe: {hanging[0]}: init blocks (scenario load_hangs)",
+                      file=sys.stderr, flush=True)
+                while True:  # until killed, as a module init that never returns
+                    time.sleep(3600)  # sleep-ok: stands in for a blocked init_module(2)
             else:
                 k.call("modprobe", names=names, blacklist=blacklist,
                        host_tree=_host_tree(root, dirname))
