@@ -28,7 +28,8 @@ class VfSnapshot:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VfSnapshot:
-        return cls(**{**d, "settings": VfSettings(**d["settings"])})
+        return cls(**{**d, "settings": VfSettings(**d["settings"]),
+                      "mtu": d.get("mtu") or None})  # 0: not known, never written
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PfSnapshot:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PfSnapshot:
         return cls(**{**d, "vfs": tuple(VfSnapshot.from_json(v) for v in d["vfs"]),
+                      "eswitch": d.get("eswitch") or None, "mtu": d.get("mtu") or None,
                       "representors": tuple(RepSnapshot(**r)
                                             for r in d.get("representors", []))})
 

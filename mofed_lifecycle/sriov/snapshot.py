@@ -17,6 +17,7 @@ from ..host.files import atomic_write_json, read_record_with_copy
 from ..host.netlink_types import Netlink, NetlinkError, VfSettings
 from ..host.paths import NodePaths
 from .model import PfSnapshot, RepSnapshot, Snapshot, VfSnapshot
+from .validate import snapshot_problem
 
 MELLANOX = "0x15b3"
 REP_PORT = re.compile(r"^pf\d+vf(\d+)$")  # a VF representor's phys_port_name
@@ -117,7 +118,7 @@ def vf_pci(paths: NodePaths, pf: str, index: int) -> str | None:
 
 def eswitch_mode(paths: NodePaths, netdev: str | None) -> str | None:
     """MOFED's compat sysfs view of the devlink eswitch mode, when present."""
-    return _read(paths.net(netdev) / "compat" / "devlink" / "mode") if netdev else None
+    return (_read(paths.net(netdev) / "compat" / "devlink" / "mode") or None) if netdev else None
 
 
 def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
@@ -144,18 +145,18 @@ def take_snapshot(paths: NodePaths, netlink: Netlink) -> Snapshot:
             vlink = netlink.link(vnet) if vnet else None
             vfs.append(VfSnapshot(index=i, pci=vpci, settings=by_index.get(i, VfSettings(index=i)),
                                   driver=driver_of(paths, vpci), netdev=vnet,
-                                  mtu=vlink.mtu if vlink else None,
+                                  mtu=vlink.mtu or None if vlink else None,
                                   up=vlink.up if vlink else None))
         reps = []
         for index, name in sorted(representors(paths, pci).items()):
             rlink = netlink.link(name)
-            reps.append(RepSnapshot(index, name, rlink.mtu if rlink else None,
+            reps.append(RepSnapshot(index, name, rlink.mtu or None if rlink else None,
                                     rlink.up if rlink else None))
         pfs.append(PfSnapshot(
             pci=pci, netdev=netdev,
             link_type=_attr(paths.net(netdev) / "type", (1, 32), 1) if netdev else 1,
-            mtu=link.mtu if link else None, up=link.up if link else None,
-            mac=link.address if link else None, eswitch=eswitch_mode(paths, netdev),
+            mtu=link.mtu or None if link else None, up=link.up if link else None,
+            mac=link.address or None if link else None, eswitch=eswitch_mode(paths, netdev),
             numvfs=numvfs, autoprobe=_attr(dev / "sriov_drivers_autoprobe", (0, 1), 1) != 0,
             vfs=tuple(vfs), representors=tuple(reps), ifindex=link.ifindex if link else None))
     return Snapshot(taken_at=time.time(), pfs=tuple(pfs))
@@ -179,12 +180,13 @@ def save_snapshot(directory: Path, snapshot: Snapshot) -> Path:
     return path
 
 
-def _parses(doc: object) -> bool:
+def _parses(doc: object) -> bool | str:
+    """True if `doc` is a snapshot fit to drive the restore's writes; else why not."""
     try:
-        Snapshot.from_json(doc)  # type: ignore[arg-type]
+        snap = Snapshot.from_json(doc)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    return True
+    return snapshot_problem(snap) or True
 
 
 def load_snapshot(directory: Path) -> tuple[Snapshot | None, str | None, Path | None]:
