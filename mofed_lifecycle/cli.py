@@ -204,6 +204,10 @@ def open_node_at(root: Path) -> Node:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(os.environ)
+    from .config_paths import check_written_paths
+    from .host.paths import NodePaths
+
+    check_written_paths(NodePaths.at(args.root), config)  # before the debug trace is opened
     if config.entrypoint_debug:
         debug_file = open_debug_trace(args.root, config.debug_log_file)
         configure_logging(json=None if args.log_format == "auto" else args.log_format == "json",

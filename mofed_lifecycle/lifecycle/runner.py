@@ -17,7 +17,8 @@ import threading
 import time
 from typing import Any
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..config_paths import check_written_paths
 from ..host.commands import CommandTimeout
 from ..host.files import InstanceLock, LockHeld
 from ..host.modules import ModuleCommandError, read_module_facts
@@ -46,7 +47,7 @@ class Runner(Steps):
         self.marker_path = p.resolve(config.driver_ready_path)
         self.blacklist_path = p.resolve(config.blacklist_file)
         self.lock = InstanceLock(p.resolve(config.lock_file_path))
-        self.journal = Journal(journal_dir(p, config))
+        self.journal = Journal(journal_dir(p, config), on_unsaved=self.journal_unsaved)
         self.stop = threading.Event()
         self.transitions = Transitions(self.log)
         self.facts: dict[str, Any] = {}
@@ -79,27 +80,42 @@ class Runner(Steps):
         come that early: the lock is what the process is taking or holds)."""
         return str(self.journal.state or State.LOCK)
 
+    def journal_unsaved(self, error: str | None) -> None:
+        if error is None:
+            self.log.warning("journal.saved_again", path=str(self.journal.path))
+            return
+        self.log.error("journal.unsaved", error=error, state=self.state_name,
+                       next="free space on the drivers mount (or make it writable); a swap under "
+                            "way is finished and unwound from memory (blacklist removed, VFs "
+                            "restored), no new one is started, and the node is not marked ready "
+                            "until the journal is saved again")
+
+    def require_saved(self, what: str, *, starting: bool = True) -> None:
+        """A state a restart could not resume from is a failure; and no swap is started on a
+        mount that filled up this run (its reserve is what finishes a swap under way)."""
+        mount = self.journal.dir.parent
+        if self.journal.unsaved:
+            raise StepFailed(f"the journal cannot be written ({self.journal.unsaved}): {what}; "
+                             f"free space on {mount}")
+        if starting and self.journal.no_reserve:
+            raise StepFailed(f"the drivers mount {mount} is full (no room is kept for the "
+                             f"journal to finish a swap): {what}; free space on {mount}")
+
     def in_critical(self) -> bool:
         return self.journal.state in CRITICAL
 
     # ---- the loop -------------------------------------------------------------------------------
-    def check_file_paths(self) -> None:
-        """The files the daemon writes must be files: a directory there is a configuration error
-        naming the variable (exit 2), not an errno deep inside a step."""
-        for var, value, path in (
-                ("LOCK_FILE_PATH", self.config.lock_file_path, self.lock.path),
-                ("DRIVER_READY_PATH", self.config.driver_ready_path, self.marker_path),
-                ("OFED_BLACKLIST_MODULES_FILE", self.config.blacklist_file, self.blacklist_path)):
-            if path.is_dir():
-                raise ConfigError(f"{var}={value!r}: {path} is a directory; point it at a file "
-                                  "(remove the directory if it was created by mistake)")
-
     def run(self) -> int:
-        self.check_file_paths()
+        check_written_paths(self.node.paths, self.config)  # a directory at the lock path: exit 2
         try:
             self.lock.acquire()
         except LockHeld as e:
             self.log.error("lock.held", path=str(self.lock.path), holder_pid=e.pid, error=str(e))
+            return EXIT_FAILED
+        except OSError as e:  # cannot even create the lock file (a full or read-only mount)
+            self.log.error("lock.unavailable", path=str(self.lock.path), error=str(e),
+                           next="free space on (or remount read-write) the lock file's mount; "
+                                "nothing on the node was touched")
             return EXIT_FAILED
         try:
             self.telemetry.start()  # the heartbeat beats while we hold the lock

@@ -26,7 +26,9 @@ from ..host.modules import (
 from ..peermem.presence import wait_for_peermem_unload
 from ..sriov.model import merge_pending
 from ..sriov.snapshot import save_snapshot, take_snapshot
+from ..sriov.validate import snapshot_problem
 from .blacklist import remove_blacklist, write_blacklist
+from .budget import BudgetSpent, ToolDeadline, tools_budget_s
 from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
 from .errors import StepFailed
 from .machine import Outcome
@@ -36,7 +38,6 @@ from .steps_restore import RestoreSteps
 if TYPE_CHECKING:
     from .runner import Runner
 
-TOOL_TIMEOUT_S = 60.0
 
 
 class OpenibdFailed(RuntimeError):
@@ -54,7 +55,8 @@ class Steps(RestoreSteps):
         modules = compared_modules(self.config)
         self.facts = read_module_facts(self.node.paths)
         self.loaded = loaded_srcversions(self.node.paths, modules)
-        self.installed = installed_srcversions(modules, self.node.env, TOOL_TIMEOUT_S)
+        self.installed = installed_srcversions(modules, self.node.env, self.config.tool_timeout_s,
+                                               tools_budget_s(self.config))
         if not any(self.installed.get(m) for m in CORE):
             raise StepFailed("modinfo finds none of the installed driver's modules "
                              f"({', '.join(CORE)}): is the driver installed in this container "
@@ -76,6 +78,8 @@ class Steps(RestoreSteps):
         return Outcome.NO_RELOAD
 
     def step_snapshot(self: Runner) -> Outcome:
+        untouched = "the driver swap is not started, nothing was touched"
+        self.require_saved(untouched)
         snap = take_snapshot(self.node.paths, self.node.netlink)
         pending = self.journal.facts.get("restore_pending")
         kept = self.pending_snapshot() if pending else None
@@ -86,10 +90,15 @@ class Steps(RestoreSteps):
                              why="a restore from the previous snapshot had not completed: its "
                                  "unrestored VFs keep their saved settings, the others are "
                                  "taken as they are now")
+        if problem := snapshot_problem(snap):  # what the restore would read back, checked now
+            raise StepFailed(f"the VFs' state cannot be saved for a restore ({problem}); "
+                             f"{untouched}; check that PF in sysfs (ls -l /sys/bus/pci/devices/"
+                             "PCI/) and report the value")
         path = save_snapshot(self.journal.dir, snap)
-        self.journal.set(restore_pending=True, restored_vfs=[],
-                         snapshot={"pfs": len(snap.pfs), "vfs": snap.vf_count,
-                                   "taken_at": snap.taken_at})
+        if not self.journal.commit(restore_pending=True, restored_vfs=[],
+                                   snapshot={"pfs": len(snap.pfs), "vfs": snap.vf_count,
+                                             "taken_at": snap.taken_at}):
+            self.require_saved(untouched)
         self.log.info("snapshot.saved", path=str(path), pfs=len(snap.pfs), vfs=snap.vf_count,
                       per_pf={p.pci: p.numvfs for p in snap.pfs})
         return Outcome.OK
@@ -115,7 +124,8 @@ class Steps(RestoreSteps):
         return Outcome.OK
 
     def step_blacklist(self: Runner) -> Outcome:
-        self.journal.set(blacklist_written=True)
+        if not self.journal.commit(blacklist_written=True):
+            self.require_saved("the blacklist is not written, nothing was touched")
         saved = write_blacklist(self.blacklist_path, self.config.blacklist_modules,
                                 self.journal.dir)
         self.log.info("blacklist.written", path=str(self.blacklist_path),
@@ -131,12 +141,19 @@ class Steps(RestoreSteps):
         # completed openibd's choice (IPOIB_LOAD=no...) is left alone
         stack = [m for m in compared_modules(self.config) if m in self.facts]
         owed = list(self.journal.facts.get("unloaded_for_swap") or [])
-        self.journal.set(unloaded_for_swap=list(dict.fromkeys([*self.preflight.reload_after,
-                                                               *owed])),
-                         stack_owed=list(dict.fromkeys([*stack, *self.journal.facts.get(
-                             "stack_owed", [])])), not_reloaded=[])
-        if self.preflight.unload:
-            modprobe_remove(self.preflight.unload, self.node.env, TOOL_TIMEOUT_S)
+        if not self.journal.commit(
+                unloaded_for_swap=list(dict.fromkeys([*self.preflight.reload_after, *owed])),
+                stack_owed=list(dict.fromkeys([*stack, *self.journal.facts.get("stack_owed",
+                                                                               [])])),
+                not_reloaded=[]):
+            self.require_saved("no module is unloaded")
+        deadline = ToolDeadline(self.config)  # however many holders, and however slow
+        for name in self.preflight.unload:
+            try:
+                timeout = deadline.timeout(f"modprobe -r {name}")
+            except BudgetSpent as e:
+                raise StepFailed(f"{e}; {name} and the holders after it stay loaded") from None
+            modprobe_remove([name], self.node.env, timeout)
         return Outcome.OK
 
     def step_reload(self: Runner) -> Outcome:
@@ -169,11 +186,17 @@ class Steps(RestoreSteps):
         owed = self.owed_modules()
         names = [*owed, *(NFSRDMA_COMPARED if self.config.enable_nfsrdma else ())]
         loaded = read_module_facts(self.node.paths)
+        stack = set(self.journal.facts.get("stack_owed") or [])
+        deadline = ToolDeadline(self.config)  # hanging modprobes cannot stretch a stop
+        untried: list[str] = []
         for name in dict.fromkeys(names):
             if name in loaded:  # openibd loaded it back (or a dependency did): nothing to do
                 continue
             try:
-                self.load_back(name)
+                self.load_back(name, deadline)
+            except BudgetSpent:
+                untried += [name] if name in owed else []
+                continue
             except ModuleCommandError as e:  # the NIC driver may be fine; say what is missing
                 if name in owed:  # an NFSRDMA ULP that is not installed is no loss
                     self.log.error("module.reload_failed", module=name, error=str(e),
@@ -187,22 +210,29 @@ class Steps(RestoreSteps):
         missing = sorted(m for m in owed if m not in loaded)  # checked, not assumed
         for name in missing:
             self.log.error("module.not_loaded_back", module=name,
+                           why="not tried: the step's tool budget was spent" if name in untried
+                           else "its modprobe failed (above)",
                            next=f"load it by hand: modprobe {name}; check dmesg")
-        self.journal.set(not_reloaded=missing, unloaded_for_swap=[], stack_owed=[])
+        # the ones never tried stay owed, as what they were: the next start tries them again
+        self.journal.set(not_reloaded=missing,
+                         unloaded_for_swap=[m for m in untried if m not in stack],
+                         stack_owed=[m for m in untried if m in stack])
         return Outcome.OK
 
-    def load_back(self: Runner, name: str) -> None:
+    def load_back(self: Runner, name: str, deadline: ToolDeadline) -> None:
         """modprobe NAME from the installed driver's tree; if that build does not fit the stack
         loaded now (a swap that failed before openibd unloaded the old stack), from the host's
         tree (`modprobe -d /host`), where the modules that were loaded before came from."""
         try:
-            modprobe([name], self.node.env, TOOL_TIMEOUT_S)
+            modprobe([name], self.node.env, deadline.timeout(f"modprobe {name}"))
             return
-        except ModuleCommandError:
+        except ModuleCommandError as e:
             host = self.node.paths.resolve("/host")
-            if not (host / "lib" / "modules").is_dir():
+            # a modprobe that hung (killed: no exit code) is not a build that does not fit
+            if e.returncode is None or not (host / "lib" / "modules").is_dir():
                 raise
-        modprobe([name], self.node.env, TOOL_TIMEOUT_S, dirname=host)
+        modprobe([name], self.node.env, deadline.timeout(f"modprobe -d {host} {name}"),
+                 dirname=host)
         self.log.info("module.loaded_from_host", module=name, tree=str(host),
                       why="the installed driver's build does not fit the stack loaded now")
 
@@ -230,7 +260,8 @@ class Steps(RestoreSteps):
             return Outcome.OK
         if target.is_mount():
             return Outcome.OK
-        r = run_command(["mount", "--rbind", "/usr/src", str(target)], timeout_s=TOOL_TIMEOUT_S,
+        r = run_command(["mount", "--rbind", "/usr/src", str(target)],
+                        timeout_s=self.config.tool_timeout_s,
                         what="share the kernel headers with the GPU side")
         if not r.ok:  # the NIC driver is ready regardless; the GPU side needs them to build peermem
             self.log.error("headers.mount_failed", target=str(target), stderr=r.stderr.strip(),
@@ -239,6 +270,9 @@ class Steps(RestoreSteps):
         return Outcome.OK
 
     def step_ready(self: Runner) -> Outcome:
+        # reported only now: a swap under way was finished and the VFs restored first
+        self.require_saved("the node is not marked ready while a restart could not resume from "
+                           "what it did", starting=False)
         modules = compared_modules(self.config)
         now = decide(loaded_srcversions(self.node.paths, modules), self.installed, modules,
                      present=set(read_module_facts(self.node.paths)))
