@@ -134,13 +134,27 @@ def test_a_damaged_snapshot_or_journal_is_never_nothing_to_do(make_node):
     assert damaged["used"].endswith("journal.copy.json")
 
 
-def test_a_marker_or_lock_path_that_is_a_directory_is_refused_naming_the_variable(tiny):
-    root, _k = tiny
-    (root / "run/mellanox/drivers/.driver-ready").mkdir(parents=True)
-    r = lifecycle(root, "--once")
+@pytest.mark.parametrize("env,says", [
+    ({}, "DRIVER_READY_PATH='/run/mellanox/drivers/.driver-ready': "),  # made a directory below
+    ({"LOCK_FILE_PATH": "/proc/modules/lock"}, "is a file, so nothing can be created under it"),
+    ({"MLX_DRIVERS_MOUNT": "/proc/modules"}, "is a file, not a directory"),
+    ({"ENTRYPOINT_DEBUG": "true", "DEBUG_LOG_FILE": "/"}, "DEBUG_LOG_FILE='/': "),
+    ({"METRICS_TEXTFILE": "/proc/modules/x.prom"}, "METRICS_TEXTFILE='/proc/modules/x.prom'"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_path_the_daemon_cannot_write_is_refused_naming_the_variable(tiny, env, says, dry_run):
+    """Items 12: a directory where a file goes, a file where a directory goes: exit 2, one line
+    naming the variable, before anything is written (the dry run says the same)."""
+    root, k = tiny
+    before = k.call("state")
+    if not env:
+        (root / "run/mellanox/drivers/.driver-ready").mkdir(parents=True)
+    r = lifecycle(root, "--dry-run" if dry_run else "--once", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "DRIVER_READY_PATH='/run/mellanox/drivers/.driver-ready'" in r.stderr
-    assert "is a directory" in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("mofed-lifecycle: ") and says in line, line
+    after = k.call("state")
+    assert after["modules"] == before["modules"] and after["blacklist_files"] == []
 
 
 TINY = (Path(__file__).resolve().parent / "scenarios/tiny-eth.toml").read_text()
@@ -214,3 +228,105 @@ def test_a_command_is_judged_by_its_own_exit_and_bounded_whatever_its_children_d
     with _pytest.raises(CommandTimeout):
         run_command(["sh", "-c", "setsid sleep 60 & sleep 60"], timeout_s=1)
     assert time.monotonic() - start < 1 + DRAIN_S + 20  # bounded, not 60 s
+
+
+MIXED = (Path(__file__).parent / "scenarios" / "mixed-4pf.toml").read_text()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("driver", "../../../../planted"),  # /sys/bus/pci/drivers/<driver>/bind
+    ("pci", "../../../../planted"),  # /sys/bus/pci/devices/<pci>/...
+    ("netdev", "../planted"),
+])
+def test_a_planted_path_in_the_snapshot_never_reaches_a_write(make_node, field, value):
+    """Item 9: names read back from the snapshot steer sysfs writes; one that is not a name the
+    kernel allows makes the file damaged: the copy is used, and with both planted the restore
+    stops loudly, before any write. On the red team's 4-PF mixed node, killed mid-swap."""
+    import json
+    import signal
+
+    from .test_lifecycle import MARKER, events
+    from .test_no_harm import vf_fields
+
+    root, k = make_node(MIXED, f"planted-{field}")
+    before = k.call("state")
+    r = lifecycle(root, "--once", env={"MOFED_LIFECYCLE_CRASH_AT": "unblacklist"})
+    assert r.returncode == -signal.SIGKILL
+    (root / "planted").mkdir()  # where a traversal would land: a write there would succeed
+    snap = root / JDIR / "sriov-snapshot.json"
+    doc = json.loads(snap.read_text())
+    doc["pfs"][3]["vfs"][1][field] = value  # the VM's VF on vfio-pci
+    snap.write_text(json.dumps(doc))
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    damaged = next(e for e in events(r.stderr) if e["event"] == "snapshot.damaged")
+    assert f"bad {field}" in damaged["damaged"] or "bad PCI" in damaged["damaged"]
+    assert damaged["used"].endswith("sriov-snapshot.copy.json")
+    assert vf_fields(k.call("state")) == vf_fields(before)  # restored from the copy
+    assert list((root / "planted").iterdir()) == []
+
+    root, k = make_node(MIXED, f"planted-both-{field}")
+    r = lifecycle(root, "--once", env={"MOFED_LIFECYCLE_CRASH_AT": "unblacklist"})
+    (root / "planted").mkdir()
+    for name in ("sriov-snapshot.json", "sriov-snapshot.copy.json"):
+        (root / JDIR / name).write_text(json.dumps(doc))
+    r = lifecycle(root, "--once")
+    assert r.returncode == 1 and not (root / MARKER).exists() and "Traceback" not in r.stderr
+    failed = next(e for e in events(r.stderr) if e["event"] == "step.failed")
+    assert "saved snapshot is damaged" in failed["error"] and value in failed["error"]
+    assert list((root / "planted").iterdir()) == []
+    assert k.call("state")["blacklist_files"] == []
+
+
+def test_facts_that_must_be_durable_are_not_kept_when_the_journal_cannot_be_written(tmp_path):
+    """Item 5: a fact the node is touched on (restore pending, the modules owed) is committed
+    only if it reaches the disk; otherwise memory is put back as it was, so a later start never
+    acts on a fact that was refused (e.g. merging a stale snapshot over an operator's changes)."""
+    from mofed_lifecycle.lifecycle.journal import Journal
+
+    seen: list[str | None] = []
+    j = Journal(tmp_path, on_unsaved=seen.append)
+    j.set(restore_pending=False)
+    assert j.unsaved is None and not seen
+    (tmp_path / "journal.json").unlink()
+    (tmp_path / "journal.json").mkdir()  # the next replace of journal.json fails (EISDIR)
+    assert j.commit(restore_pending=True, restored_vfs=[]) is False
+    assert j.facts["restore_pending"] is False and "restored_vfs" not in j.facts
+    assert j.unsaved and "journal.json" in j.unsaved and seen == [j.unsaved]
+    (tmp_path / "journal.json").rmdir()
+    assert j.commit(restore_pending=True) is True and seen[-1] is None  # saved again
+
+
+def test_the_snapshot_check_accepts_every_legitimate_shape_and_names_what_it_refuses():
+    """Item 9: no false positive (a refused snapshot read back after the reload would lose the
+    VFs): IB hardware addresses, unknown MTU/MAC, VMD PCI domains, vfio and unbound VFs pass;
+    a traversal in any name, or a value the kernel would misread, is named."""
+    from dataclasses import replace
+
+    from mofed_lifecycle.host.netlink_types import VfSettings
+    from mofed_lifecycle.sriov.model import PfSnapshot, RepSnapshot, Snapshot, VfSnapshot
+    from mofed_lifecycle.sriov.validate import snapshot_problem
+
+    ib_addr = ":".join(["80"] + ["fe"] * 19)
+    vfs = (VfSnapshot(0, "10000:e1:00.2", VfSettings(0, node_guid="00:11:22:33:44:55:66:77",
+                                                     port_guid="00:11:22:33:44:55:66:78"),
+                      "mlx5_core", "ibp225s0v0", 4092, True),
+           VfSnapshot(1, "10000:e1:00.3", VfSettings(1, mac="02:AB:00:00:00:01", vlan=4095,
+                                                     qos=7, link_state="enable"), "vfio-pci"),
+           VfSnapshot(2, "10000:e1:00.4", VfSettings(2), None, mtu=0))
+    pf = PfSnapshot("10000:e1:00.0", "ibp225s0", 32, 0, None, ib_addr, None, 3, True, vfs,
+                    (RepSnapshot(0, "pf0vf0", None, None),), ifindex=7)
+    good = Snapshot(1.0, (pf, replace(pf, pci="0000:08:00.0", netdev=None, mac="", vfs=(),
+                                      eswitch="switchdev", link_type=1)))
+    assert snapshot_problem(good) is None
+    for bad, says in [
+        (replace(pf, pci="../../x"), "bad PCI address"),
+        (replace(pf, netdev="a/b"), "bad netdev name 'a/b'"),
+        (replace(pf, eswitch="switchdev\n"), "bad eswitch mode"),
+        (replace(pf, vfs=(replace(vfs[1], driver=".."),)), "bad driver '..'"),
+        (replace(pf, vfs=(replace(vfs[1], settings=VfSettings(1, vlan=4096)),)), "bad VLAN"),
+        (replace(pf, representors=(RepSnapshot(0, "..", None, None),)), "representor name"),
+        (replace(pf, vfs=(vfs[0], vfs[0])), "listed twice"),
+    ]:
+        problem = snapshot_problem(Snapshot(1.0, (bad,)))
+        assert problem is not None and says in problem, (says, problem)
