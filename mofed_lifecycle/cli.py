@@ -18,7 +18,7 @@ from .config import ConfigError, load_config
 from .log import configure_logging, get_logger
 
 if TYPE_CHECKING:
-    from .host.node import Node
+    from .host.node import Node, Tools
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -188,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def tools_at(root: Path) -> Tools:
+    """The read-only view (paths, tool PATH) for status, probes and the peermem loader, chosen
+    the same way as `open_node_at`."""
+    from .sim.client import is_simulated
+
+    if is_simulated(root):
+        from .sim.seam import sim_tools
+
+        return sim_tools(root)
+    from .host.node import host_tools
+
+    return host_tools(root)
+
+
 def open_node_at(root: Path) -> Node:
     """The composition root chooses the seam: a root made by `sim init` gets the simulated
     kernel's, any other (`/` on a real node) the real one."""
@@ -259,7 +273,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import run_probe
 
     _quiet_logs(args)
-    result = run_probe(args.which, args.root, load_config(os.environ,
+    result = run_probe(args.which, tools_at(args.root), load_config(os.environ,
                                                           require_driver_version=False),
                        args.max_age)
     print(result.line(args.which))
@@ -270,19 +284,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import format_status, gather
 
     _quiet_logs(args)
-    st = gather(args.root, load_config(os.environ, require_driver_version=False))
+    st = gather(tools_at(args.root), load_config(os.environ, require_driver_version=False))
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return EXIT_OK
 
 
 def cmd_peermem(args: argparse.Namespace) -> int:
-    from .peermem.loader import run_loader, tools_for
+    from .peermem.loader import run_loader
 
     if args.timeout is not None and not args.timeout > 0:
         raise UsageError(f"--timeout {args.timeout:g}: expected a number of seconds greater than 0")
     config = load_config(os.environ, require_driver_version=False)
     get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
-    return run_loader(tools_for(args.root), config, once=args.once, timeout_s=args.timeout,
+    return run_loader(tools_at(args.root), config, once=args.once, timeout_s=args.timeout,
                       wait_gpu=args.wait_gpu_driver or config.peermem_wait_gpu_driver)
 
 

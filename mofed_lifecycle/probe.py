@@ -26,6 +26,7 @@ import psutil
 from .config import Config
 from .heartbeat import read_heartbeat
 from .host.files import InstanceLock, read_json
+from .host.node import Tools
 from .host.paths import NodePaths
 from .lifecycle.journal import journal_dir
 from .status import driver_srcversions, module_list, read_marker
@@ -42,8 +43,8 @@ class ProbeResult:
         return f"{which}: {'pass' if self.ok else 'FAIL'}: {self.message}"
 
 
-def probe_ready(root: Path, config: Config) -> ProbeResult:
-    paths = NodePaths.at(root)
+def probe_ready(tools: Tools, config: Config) -> ProbeResult:
+    paths = tools.paths
     marker_path = paths.resolve(config.driver_ready_path)
     marker, why = read_marker(marker_path)
     journal = read_json(journal_dir(paths, config) / "journal.json")
@@ -52,7 +53,7 @@ def probe_ready(root: Path, config: Config) -> ProbeResult:
     if marker is None:
         return ProbeResult(False, f"readiness marker {marker_path} {why}"
                                   + (f" (daemon state: {state})" if state else ""))
-    mods = driver_srcversions(paths, module_list(config, marker))
+    mods = driver_srcversions(tools, module_list(config, marker))
     recorded = marker["srcversions"]
     for m, v in mods.items():
         if not v["loaded"]:
@@ -154,8 +155,8 @@ def probe_startup(root: Path, config: Config, max_age_s: float | None = None) ->
 PROBES = {"ready": probe_ready, "live": probe_live, "startup": probe_startup}
 
 
-def run_probe(which: str, root: Path, config: Config, max_age_s: float | None = None) -> \
+def run_probe(which: str, tools: Tools, config: Config, max_age_s: float | None = None) -> \
         ProbeResult:
     if which == "ready":
-        return probe_ready(root, config)
-    return PROBES[which](root, config, max_age_s)
+        return probe_ready(tools, config)
+    return PROBES[which](tools.paths.root, config, max_age_s)

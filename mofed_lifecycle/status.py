@@ -9,7 +9,6 @@ instance runs); the lock holder's PID is read from the lock file and checked for
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,12 @@ from .config import Config
 from .heartbeat import read_heartbeat
 from .host.files import read_json
 from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
-from .host.paths import NodePaths
+from .host.node import Tools
 from .lifecycle.budget import stop_budget_s
 from .lifecycle.decide import CORE
 from .lifecycle.journal import journal_dir
 
 MODINFO_TIMEOUT_S = 5.0
-
-
-def tool_env(paths: NodePaths) -> dict[str, str]:
-    """The environment for the node's tools (a simulated node's stand-ins first on PATH)."""
-    from .sim.client import is_simulated
-
-    env = dict(os.environ)
-    if is_simulated(paths.root):
-        from .sim.node import tool_path
-
-        env["PATH"] = tool_path(paths.root)
-    return env
 
 
 def read_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -62,11 +49,11 @@ def module_list(config: Config, marker: dict[str, Any] | None) -> list[str]:
     return list(dict.fromkeys([*CORE, *extra]))  # the core, and whatever the marker recorded
 
 
-def driver_srcversions(paths: NodePaths, modules: list[str]) -> dict[str, dict[str, Any]]:
+def driver_srcversions(tools: Tools, modules: list[str]) -> dict[str, dict[str, Any]]:
     """{module: {loaded, installed}}; installed is None when modinfo finds none (or fails)."""
-    loaded = loaded_srcversions(paths, modules)
+    loaded = loaded_srcversions(tools.paths, modules)
     try:
-        installed = installed_srcversions(modules, tool_env(paths), MODINFO_TIMEOUT_S)
+        installed = installed_srcversions(modules, tools.env, MODINFO_TIMEOUT_S)
     except ModuleCommandError:
         installed = {m: None for m in modules}
     return {m: {"loaded": loaded.get(m), "installed": installed.get(m)} for m in modules}
@@ -90,10 +77,10 @@ def last_transition(history: list[dict[str, Any]]) -> dict[str, Any] | None:
             if prev else None}
 
 
-def gather(root: Path, config: Config, *, now: float | None = None) -> dict[str, Any]:
+def gather(tools: Tools, config: Config, *, now: float | None = None) -> dict[str, Any]:
     """Everything `status` shows, as a JSON-able dict (`status --json` prints it)."""
     now = time.time() if now is None else now
-    paths = NodePaths.at(root)
+    paths = tools.paths
     jdir = journal_dir(paths, config)
     journal = read_json(jdir / "journal.json")
     journal = journal if isinstance(journal, dict) else {}
@@ -112,7 +99,7 @@ def gather(root: Path, config: Config, *, now: float | None = None) -> dict[str,
         "last_transition": last_transition(journal.get("history") or []),
         "driver": {"version_configured": config.driver_version or None,
                    "version_marker": (marker or {}).get("driver_version"),
-                   "modules": driver_srcversions(paths, module_list(config, marker))},
+                   "modules": driver_srcversions(tools, module_list(config, marker))},
         "marker": {"path": str(marker_path), "set": marker is not None, "error": marker_error,
                    "time": (marker or {}).get("time"), "srcversions": (marker or {}).get(
                        "srcversions")},

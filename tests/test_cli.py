@@ -136,3 +136,42 @@ def test_console_lines_on_a_tty_and_transitions_carry_elapsed_seconds():
     event = json.loads(out.getvalue())
     assert event["event"] == "state.entered" and event["elapsed_s"] == 0.0
     configure_logging()
+
+
+def test_no_production_module_knows_the_simulator():
+    """The seam is chosen once, at the edge (cli.py): nothing else imports `sim` or looks for a
+    simulated node's files (a `.sim/` under `/` must never switch a real node's backend)."""
+    import ast
+
+    package = Path(__file__).resolve().parent.parent / "mofed_lifecycle"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.parts[0] == "sim" or rel == Path("cli.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+                names += [f"{names[0]}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and ".sim/" in node.value:
+                offenders.append(f"{rel}: looks for {node.value!r}")
+            offenders += [f"{rel}: imports {n}" for n in names
+                          if n.lstrip(".").split(".")[0] == "sim" or ".sim" in n
+                          or n.startswith("mofed_lifecycle.sim")]
+    assert offenders == []
+
+
+def test_a_run_shares_the_headers_through_the_nodes_own_mount(tiny):
+    """mount-headers runs `mount --rbind` with the node's tools (the simulated node records the
+    bind instead of asking the daemon whether it is simulated)."""
+    from .test_lifecycle import lifecycle
+
+    root, _k = tiny
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    src, target = (root / ".sim/mounts").read_text().split()
+    assert src == "/usr/src" and target == str(root / "run/mellanox/drivers/usr/src")

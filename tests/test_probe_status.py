@@ -21,6 +21,7 @@ from mofed_lifecycle.config import load_config
 from mofed_lifecycle.heartbeat import HEARTBEAT_FILE
 from mofed_lifecycle.probe import probe_live, probe_ready, probe_startup
 from mofed_lifecycle.sim.node import tool_path
+from mofed_lifecycle.sim.seam import sim_tools
 
 from .test_lifecycle import MARKER, lifecycle, wait_for
 
@@ -49,11 +50,11 @@ def test_ready_fails_on_the_inbox_driver_where_lsmod_grep_passes(tiny):
     loaded = {m: (root / f"sys/module/{m}/srcversion").read_text().strip()
               for m in ("mlx5_core", "mlx5_ib", "ib_core")}
     (root / MARKER).write_text(json.dumps({"driver_version": "x", "srcversions": loaded}))
-    result = probe_ready(root, CONFIG)
+    result = probe_ready(sim_tools(root), CONFIG)
     assert not result.ok and "mlx5_core srcversion" in result.message
     assert "installed (modinfo)" in result.message
     (root / MARKER).write_text("ready\n")  # the bash entrypoint's kind of marker
-    assert "not valid JSON" in probe_ready(root, CONFIG).message
+    assert "not valid JSON" in probe_ready(sim_tools(root), CONFIG).message
 
     assert cli(root, "probe", "startup").returncode == 1  # no marker (valid), no heartbeat
     assert cli(root, "probe", "live").returncode == 1
@@ -105,13 +106,13 @@ def test_partial_restore_is_ready_only_when_the_daemon_was_told_to_accept_it(tin
     doc["facts"].update(restore_pending=True,
                         restore={"restored": 3, "failed": {"0000:08:00.4": "no netdev"}})
     journal_path.write_text(json.dumps(doc))
-    ok = probe_ready(root, CONFIG)
+    ok = probe_ready(sim_tools(root), CONFIG)
     assert ok.ok and "1 VF(s) not restored" in ok.message and "0000:08:00.4" in ok.message
     strict = load_config({"READY_ON_PARTIAL_RESTORE": "false"}, require_driver_version=False)
-    assert not probe_ready(root, strict).ok
+    assert not probe_ready(sim_tools(root), strict).ok
     doc["facts"]["restore"] = None  # pending with nothing failed: the restore has not run yet
     journal_path.write_text(json.dumps(doc))
-    assert "has not finished" in probe_ready(root, CONFIG).message
+    assert "has not finished" in probe_ready(sim_tools(root), CONFIG).message
 
 
 def test_live_passes_while_the_daemon_beats_and_fails_on_a_stale_or_hung_heartbeat(tiny):

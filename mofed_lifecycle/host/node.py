@@ -8,7 +8,7 @@ CLI), so nothing here knows the simulator. The daemon's logic only ever sees a `
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,6 @@ class Node:
     paths: NodePaths
     netlink: Netlink
     sysfs: SysfsWriter
-    simulated: bool
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     # starts listening for netdev events (called before the action that causes them)
     events: Callable[[], NetdevEvents] = PyudevNetdevEvents
@@ -39,8 +38,23 @@ class Node:
             close()
 
 
+@dataclass(frozen=True)
+class Tools:
+    """The read-only view of a node for what only reads it and runs its tools (status, probes,
+    the peermem loader): its paths, and the environment its tools run with (whose `modinfo`,
+    `modprobe`: PATH decides). No netlink, no sysfs writer."""
+
+    paths: NodePaths
+    env: Mapping[str, str]
+
+
+def host_tools(root: str | Path) -> Tools:
+    """A real node's tools: the ones on PATH."""
+    return Tools(NodePaths.at(root), dict(os.environ))
+
+
 def open_node(root: str | Path) -> Node:
     """A node whose seams are the real kernel's (pyroute2, sysfs writes, pyudev)."""
     from .netlink import PyrouteNetlink
 
-    return Node(NodePaths.at(root), PyrouteNetlink(), KernelSysfs(), False)
+    return Node(NodePaths.at(root), PyrouteNetlink(), KernelSysfs())

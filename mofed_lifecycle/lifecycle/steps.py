@@ -255,12 +255,9 @@ class Steps(RestoreSteps):
     def step_mount_headers(self: Runner) -> Outcome:
         target = self.node.paths.resolve(self.config.shared_kernel_headers_dir)
         target.mkdir(parents=True, exist_ok=True)
-        if self.node.simulated:
-            self.log.info("headers.mount_skipped", why="simulated node", target=str(target))
-            return Outcome.OK
         if target.is_mount():
             return Outcome.OK
-        r = run_command(["mount", "--rbind", "/usr/src", str(target)],
+        r = run_command(["mount", "--rbind", "/usr/src", str(target)], env=self.node.env,
                         timeout_s=self.config.tool_timeout_s,
                         what="share the kernel headers with the GPU side")
         if not r.ok:  # the NIC driver is ready regardless; the GPU side needs them to build peermem

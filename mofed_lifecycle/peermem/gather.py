@@ -31,27 +31,6 @@ from .checks import (
 TOOL_TIMEOUT_S = 30.0
 
 
-@dataclass(frozen=True)
-class Tools:
-    """What the loader needs of a node: its paths, and the environment its tools run with (no
-    netlink, no sysfs writer: the GPU side's container needs neither)."""
-
-    paths: NodePaths
-    env: Mapping[str, str]
-
-
-def tools_for(root: str | Path) -> Tools:
-    """A real node's tools on PATH, or a simulated node's stand-ins first."""
-    from ..sim.client import is_simulated
-
-    paths = NodePaths.at(root)
-    if is_simulated(paths.root):
-        from ..sim.node import tool_path
-
-        return Tools(paths, {**os.environ, "PATH": tool_path(paths.root)})
-    return Tools(paths, dict(os.environ))
-
-
 def read_marker(path: Path) -> Marker | None:
     """The marker at `path`, or None when absent. A non-JSON marker (a legacy driver container's
     empty file) promises no srcversions."""
@@ -190,5 +169,5 @@ class KoReader:
         return facts
 
 
-__all__ = ["KoReader", "PeermemState", "Tools", "exporters", "gpu_ready", "kernel_release",
-           "peermem_state", "read_marker", "stack_srcversions", "symvers", "tools_for"]
+__all__ = ["KoReader", "PeermemState", "exporters", "gpu_ready", "kernel_release",
+           "peermem_state", "read_marker", "stack_srcversions", "symvers"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import Config
 from ..host.commands import CommandTimeout, run_command
+from ..host.node import Tools
 from ..log import get_logger
 from ..metrics import PeermemMetrics, peermem_textfile
 from ..signals import StopSignals
@@ -38,7 +39,6 @@ from .checks import (
     evaluate_stack,
     fingerprint,
 )
-from .gather import Tools, tools_for
 from .inotify import FileWatcher
 from .presence import LoaderPresence, presence_path
 
@@ -280,4 +280,4 @@ def run_loader(node: Tools, config: Config, *, once: bool, timeout_s: float | No
     return loader.run()
 
 
-__all__ = ["GaveUp", "PeermemLoader", "Tools", "run_loader", "tools_for"]
+__all__ = ["GaveUp", "PeermemLoader", "Tools", "run_loader"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..host.node import Node
+from ..host.node import Node, Tools
 from ..host.paths import NodePaths
 from ..host.udev import NetdevEvents, PyudevNetdevEvents, umockdev_active_for
 from .client import PerThreadClient
@@ -18,6 +18,12 @@ from .netlink import SimNetlink
 from .node import tool_path
 from .sysfs import SimSysfs
 from .udev import SimNetdevEvents
+
+
+def sim_tools(root: str | Path) -> Tools:
+    """A simulated node's read-only view: its stand-in tools first on PATH."""
+    paths = NodePaths.at(root)
+    return Tools(paths, {**os.environ, "PATH": tool_path(paths.root)})
 
 
 def open_sim_node(root: str | Path) -> Node:
@@ -30,5 +36,5 @@ def open_sim_node(root: str | Path) -> Node:
         return SimNetdevEvents(paths.root)
 
     env = {**os.environ, "PATH": tool_path(paths.root)}
-    return Node(paths, SimNetlink(client), SimSysfs(client), True, env, events=events,
+    return Node(paths, SimNetlink(client), SimSysfs(client), env, events=events,
                 closers=(client.close,))

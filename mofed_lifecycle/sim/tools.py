@@ -1,4 +1,4 @@
-"""Stand-ins for the node's tools: modinfo, modprobe, rmmod, lsmod, openibd, mlnxofedctl.
+"""Stand-ins for the node's tools: modinfo, modprobe, rmmod, lsmod, openibd, mlnxofedctl, mount.
 
 `sim init` writes one small executable per tool into `<root>/.sim/bin` (and `<root>/etc/init.d/
 openibd`); the daemon runs them as ordinary subprocesses. They print what the real tools print and
@@ -14,7 +14,7 @@ from pathlib import Path
 from .client import KernelClient, SimKernelError
 from .peermem_ko import read_modversions
 
-TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl")
+TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount")
 
 
 def _kernel_release(root: Path) -> str:
@@ -221,9 +221,21 @@ def mlnxofedctl(root: Path, argv: list[str]) -> int:
     return 2
 
 
+def mount(root: Path, argv: list[str]) -> int:
+    """`mount --rbind SRC TARGET`: a simulated node mounts nothing; the bind is recorded in
+    `.sim/mounts` (one "SRC TARGET" line each), so that a run can be checked for it."""
+    args = [a for a in argv if not a.startswith("-")]
+    if "--rbind" not in argv or len(args) != 2:
+        print("mount: the simulated node only knows `mount --rbind SRC TARGET`", file=sys.stderr)
+        return 1
+    with (root / ".sim" / "mounts").open("a") as f:
+        f.write(f"{args[0]} {args[1]}\n")
+    return 0
+
+
 def main(tool: str, root: str, argv: list[str] | None = None) -> int:
     fn = {"modinfo": modinfo, "modprobe": modprobe, "rmmod": rmmod, "lsmod": lsmod,
-          "openibd": openibd, "mlnxofedctl": mlnxofedctl}[tool]
+          "openibd": openibd, "mlnxofedctl": mlnxofedctl, "mount": mount}[tool]
     try:
         return fn(Path(root), sys.argv[1:] if argv is None else argv)
     except (OSError, TimeoutError) as e:
