@@ -19,12 +19,13 @@ demo: $(BIN)/.installed
 	@mkdir -p reports
 	$(BIN)/mofed-lifecycle sim run $(DEMO_SCENARIO) --report reports/demo.json
 
-## Lint and run the test suite.
+## Lint (ruff, mypy) and run the test suite.
 test: $(BIN)/.installed lint
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check mofed_lifecycle tests scripts
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache .ruff_cache *.egg-info

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
 from .config import ConfigError, load_config
@@ -242,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         node.close()
 
 
-def open_debug_trace(root: Path, node_path: str):  # noqa: ANN201 - a text file object
+def open_debug_trace(root: Path, node_path: str) -> TextIO:
     """ENTRYPOINT_DEBUG: every log event, at debug level, also goes to DEBUG_LOG_FILE."""
     from .host.paths import NodePaths
 

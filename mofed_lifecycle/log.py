@@ -83,4 +83,4 @@ class Transitions:
         self.log.info("state.entered", state=state, previous=self.state,
                       previous_s=round(now - self.last, 3), elapsed_s=elapsed, **fields)
         self.state, self.last = state, now
-        return elapsed
+        return float(elapsed)

@@ -43,7 +43,7 @@ from .lifecycle.machine import State
 from .log import get_logger
 
 PREFIX = "mofed_lifecycle"
-disable_created_metrics()  # no `*_created` series: a restart is visible in the counters anyway
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` series: a restart is visible in the counters anyway
 
 
 def _write(path: Path | None, registry: CollectorRegistry, warned: list[bool]) -> bool:

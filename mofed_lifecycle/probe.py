@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -68,7 +69,7 @@ def probe_ready(tools: Tools, config: Config) -> ProbeResult:
     if state is not None and state not in SERVING:
         return ProbeResult(False, f"the daemon is in state {state}, not serving")
     facts = journal.get("facts") or {}
-    restore = facts.get("restore") if isinstance(facts.get("restore"), dict) else {}
+    restore: dict[str, Any] = facts["restore"] if isinstance(facts.get("restore"), dict) else {}
     failed = sorted(restore.get("failed") or {})
     vfs = ""
     if facts.get("restore_pending"):
@@ -152,11 +153,10 @@ def probe_startup(root: Path, config: Config, max_age_s: float | None = None) ->
     return ProbeResult(False, live.message)
 
 
-PROBES = {"ready": probe_ready, "live": probe_live, "startup": probe_startup}
-
-
 def run_probe(which: str, tools: Tools, config: Config, max_age_s: float | None = None) -> \
         ProbeResult:
     if which == "ready":
         return probe_ready(tools, config)
-    return PROBES[which](tools.paths.root, config, max_age_s)
+    if which == "live":
+        return probe_live(tools.paths.root, config, max_age_s)
+    return probe_startup(tools.paths.root, config, max_age_s)

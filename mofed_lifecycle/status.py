@@ -17,7 +17,7 @@ import psutil
 
 from .config import Config
 from .heartbeat import read_heartbeat
-from .host.files import read_json
+from .host.files import InstanceLock, read_json
 from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
 from .host.node import Tools
 from .lifecycle.budget import stop_budget_s
@@ -60,11 +60,9 @@ def driver_srcversions(tools: Tools, modules: list[str]) -> dict[str, dict[str, 
 
 
 def lock_holder(path: Path) -> dict[str, Any]:
-    try:
-        pid: int | None = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pid = None
-    return {"path": str(path), "pid": pid, "running": bool(pid) and psutil.pid_exists(pid)}
+    pid = InstanceLock(path).holder_pid()
+    return {"path": str(path), "pid": pid,
+            "running": pid is not None and pid > 0 and psutil.pid_exists(pid)}
 
 
 def last_transition(history: list[dict[str, Any]]) -> dict[str, Any] | None:

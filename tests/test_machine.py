@@ -113,3 +113,14 @@ def test_random_walks_never_leave_the_blacklist_behind(outcomes, stop_at):
                 swap = rest[:end] if end is not None else rest
                 if State.UNLOAD_AUX in swap and State.UNBLACKLIST in swap:
                     assert State.RELOAD_AUX in swap, path  # nothing left unloaded
+
+
+def test_every_working_state_has_its_step_in_one_table():
+    """The state machine's work is dispatched from `steps.STEPS` (no step found by building a
+    name): every state but the runner's own waits and the stop has exactly one step."""
+    from mofed_lifecycle.lifecycle.machine import State
+    from mofed_lifecycle.lifecycle.steps import STEPS
+
+    runners_own = {State.LOCK, State.SERVE, State.REFUSED, State.FAILED, State.STOPPING,
+                   State.STOPPED}
+    assert set(STEPS) == set(State) - runners_own

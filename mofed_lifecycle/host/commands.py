@@ -11,12 +11,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from ..log import get_logger
 
 OUTPUT_LOG_LIMIT = 4000  # characters of stdout/stderr kept in one log event
 PR_SET_PDEATHSIG = 1
+_PRCTL: Any
 try:  # loaded once here: a forked child must not dlopen
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):

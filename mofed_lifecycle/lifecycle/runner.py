@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..config_paths import check_written_paths
 from ..host.commands import CommandTimeout
-from ..host.files import InstanceLock, LockHeld
+from ..host.files import InstanceLock, LockHeld, remove_file
 from ..host.modules import ModuleCommandError, read_module_facts
 from ..host.node import Node
 from ..log import Transitions, get_logger
@@ -31,14 +31,17 @@ from .errors import StepFailed
 from .journal import Journal, journal_dir
 from .machine import CRITICAL, Outcome, State, next_state
 from .preflight import Preflight
-from .steps import Steps
+from .steps import STEPS, restore_inbox_driver
 from .telemetry import Telemetry
 
 EXIT_OK, EXIT_FAILED = 0, 1
 CRASH_AT_ENV = "MOFED_LIFECYCLE_CRASH_AT"  # fault injection for tests: SIGKILL self on entering
 
 
-class Runner(Steps):
+class Runner:
+    """The lifecycle on one node: the loop over `machine.next_state`, each state's step from
+    `steps.STEPS`, the journal, the lock and signals."""
+
     def __init__(self, node: Node, config: Config, *, once: bool = False) -> None:
         self.node, self.config, self.once = node, config, once
         self.log = get_logger("lifecycle")
@@ -164,8 +167,9 @@ class Runner(Steps):
         state = State.LOCK
         self.enter(state, pid=self.pid, path=str(self.lock.path))
         self._startup_cleanup()
-        outcome = Outcome.OK
+        outcome: Outcome | None = Outcome.OK
         while True:
+            assert outcome is not None  # None ends the loop below
             state = next_state(state, outcome, stop_requested=self.stop.is_set())
             if state is State.STOPPED:
                 self.enter(state)
@@ -193,11 +197,10 @@ class Runner(Steps):
             return self.wait_to_retry(state)
         if state is State.STOPPING:
             self.clear_marker("stopping")
-            self.restore_inbox_driver()
+            restore_inbox_driver(self)
             return Outcome.OK
-        step = getattr(self, "step_" + str(state).replace("-", "_"))
         try:
-            return step()
+            return STEPS[state](self)
         except (StepFailed, ModuleCommandError, CommandTimeout, OSError) as e:
             self.journal.set(last_error=f"{state}: {e}")
             self.swap_failed = self.swap_failed or state in CRITICAL
@@ -208,6 +211,10 @@ class Runner(Steps):
                            next=f"{left}; {retry}; fix the cause named in `error` (see the "
                                 "command output logged above)")
             return Outcome.FAILED
+
+    def clear_marker(self, why: str) -> None:
+        if remove_file(self.marker_path):
+            self.log.info("marker.cleared", path=str(self.marker_path), why=why)
 
     def node_left(self, state: State) -> str:
         """What a failure in `state` leaves on the node, said truthfully."""

@@ -69,7 +69,7 @@ class Inotify:
         if wd < 0:
             e = ctypes.get_errno()
             raise OSError(e, f"inotify_add_watch {path}: {os.strerror(e)}")
-        return wd
+        return int(wd)
 
     def rm_watch(self, wd: int) -> None:
         _LIBC.inotify_rm_watch(self.fd, wd)  # type: ignore[union-attr]  # gone already: fine

@@ -258,10 +258,10 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
                 return self._unbind(pf, vf)
         if len(parts) == 9 and parts[6:] == ["compat", "devlink", "mode"]:
             nd = self.st.netdev_by_name(parts[5])
-            pf = self.st.pfs.get(nd.pci) if nd else None
-            if pf is None or pf.netdev != nd.ifindex:
+            uplink = self.st.pfs.get(nd.pci) if nd else None
+            if uplink is None or nd is None or uplink.netdev != nd.ifindex:
                 raise KernelError(errno.EOPNOTSUPP, f"{parts[5]} is not a PF uplink")
-            return self.set_eswitch(pf, v)
+            return self.set_eswitch(uplink, v)
         if parts[:2] == ["sys", *PCI_PARENT.split("/")[:1]] and len(parts) == 5:
             found = self.st.function(parts[3])
             if found:

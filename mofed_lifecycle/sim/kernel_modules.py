@@ -144,7 +144,7 @@ class ModulesMixin:
         failure = self.peermem_error()
         if failure is not None:
             err, why = failure
-            self.note("peermem.load_failed", errno=errno.errorcode.get(err.errno, err.errno),
+            self.note("peermem.load_failed", errno=errno.errorcode.get(err.errno or 0, err.errno),
                       dmesg=why)
             raise err
         core = self.st.modules["ib_core"]
@@ -160,7 +160,7 @@ class ModulesMixin:
         failure = self.peermem_error() if "nvidia_peermem" not in self.st.modules else None
         return {"loads": self.st.peermem_loads, "loaded": "nvidia_peermem" in self.st.modules,
                 "load_error": None if failure is None else {
-                    "errno": errno.errorcode.get(failure[0].errno, failure[0].errno),
+                    "errno": errno.errorcode.get(failure[0].errno or 0, failure[0].errno),
                     "error": failure[0].strerror, "dmesg": failure[1]}}
 
     def unload_module(self: SimKernel, name: str) -> None:

@@ -127,6 +127,11 @@ class NetlinkMixin:
             })
         return out
 
+    def nl_set_vfs(self: SimKernel, pf_name: str, infos: list[tuple[int, dict[str, Any]]]) -> None:
+        """A list of IFLA_VF_INFOs, applied in order: the first refused one stops the rest."""
+        for vf, change in infos:
+            self.nl_set_vf(pf_name, int(vf), change)
+
     def nl_set_vf(self: SimKernel, pf_name: str, vf: int, change: dict[str, Any]) -> None:
         """One IFLA_VF_INFO. Fields apply in the kernel's order (VF_APPLY_ORDER); the first refused
         one stops the request and what was applied before it stays (the contract's "Partial

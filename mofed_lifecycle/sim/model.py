@@ -122,7 +122,8 @@ class KernelState:
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for JSON (a walk without `asdict`'s deep copies: 2-3x faster on 1,000 VFs)."""
-        return _plain(self)
+        doc: dict[str, Any] = _plain(self)
+        return doc
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> KernelState:

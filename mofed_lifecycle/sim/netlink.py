@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict
+from typing import Any
 
 from ..host.netlink_types import (
     LinkChange,
@@ -33,14 +34,16 @@ class SimNetlink:
             raise NetlinkError(e.errno, f"{what}: {e.strerror}") from None
 
     def link(self, name: str) -> LinkInfo | None:
-        d = self._call(f"get {name}", "nl_link", name=name)
+        d: Any = self._call(f"get {name}", "nl_link", name=name)
         return _info(d) if d else None
 
     def links(self) -> list[LinkInfo]:
-        return [_info(d) for d in self._call("list links", "nl_links")]
+        rows: Any = self._call("list links", "nl_links")
+        return [_info(d) for d in rows]
 
     def vfs(self, pf: str) -> list[VfSettings]:
-        return [VfSettings(**d) for d in self._call(f"list VFs of {pf}", "nl_vfs", pf=pf)]
+        rows: Any = self._call(f"list VFs of {pf}", "nl_vfs", pf=pf)
+        return [VfSettings(**d) for d in rows]
 
     def set_vf(self, pf: str, vf: int, change: VfChange) -> None:
         self.set_vfs(pf, {vf: change}, what=f"set VF {vf} of {pf} "

@@ -148,7 +148,8 @@ def journal_of(root: Path, sc: Scenario) -> dict[str, Any]:
     config = load_config(lifecycle_env(sc), require_driver_version=False)
     path = journal_dir(NodePaths.at(root), config) / "journal.json"
     try:
-        return json.loads(path.read_text())
+        doc: dict[str, Any] = json.loads(path.read_text())
+        return doc
     except (OSError, ValueError):
         return {}
 
@@ -230,7 +231,8 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
 
     `env_overrides` go over the scenario's [env]; `extra_args` are appended to `run --once`."""
     own_root = root is None
-    root = Path(tempfile.mkdtemp(prefix="mofed-sim-", dir=node_dir())) if own_root else Path(root)
+    root = Path(tempfile.mkdtemp(prefix="mofed-sim-", dir=node_dir())) if root is None \
+        else Path(root)
     sc = init_node(scenario, root, force=not own_root)
     gpu: GpuSide | None = None
     try:

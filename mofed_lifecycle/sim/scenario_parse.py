@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ class _Reader:
     def fail(self, key: str, msg: str) -> ScenarioError:
         return ScenarioError(f"{self.where}.{key}: {msg}")
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check=None) -> Any:
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...,
+            check: Callable[[Any], object] | None = None) -> Any:
         if key not in self.table:
             if default is ...:
                 raise self.fail(key, "is required")

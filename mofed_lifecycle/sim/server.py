@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ class KernelServer:
     # ---- requests ----------------------------------------------------------------------------
     def dispatch(self, op: str, args: dict[str, Any]) -> Any:
         k = self.k
-        simple = {
+        simple: dict[str, Callable[[], Any]] = {
             "ping": lambda: {"pid": os.getpid()},
             "state": lambda: ground_truth(k.st, self.root),
             "sysfs_write": lambda: k.sysfs_write(args["path"], args["value"]),
@@ -92,8 +93,7 @@ class KernelServer:
             "nl_vfs": lambda: k.nl_vfs(args["pf"]),
             "nl_set_vf": lambda: k.nl_set_vf(args["pf"], args["vf"], args["change"]),
             # a list of IFLA_VF_INFOs, applied in order: the first refused one stops the rest
-            "nl_set_vfs": lambda: [k.nl_set_vf(args["pf"], int(vf), change)
-                                   for vf, change in args["infos"]],
+            "nl_set_vfs": lambda: k.nl_set_vfs(args["pf"], args["infos"]),
             "nl_set_link": lambda: k.nl_set_link(args["name"], args["change"]),
             "nl_del_altname": lambda: k.nl_del_altname(args["name"], args["altname"]),
             "set_default_route": lambda: k.set_default_route(args["dev"]),

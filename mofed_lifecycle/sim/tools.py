@@ -153,7 +153,7 @@ def modprobe(root: Path, argv: list[str]) -> int:
                        host_tree=_host_tree(root, dirname))
     except SimKernelError as e:
         if not quiet:
-            level = "ERROR" if "insert" in e.strerror else "FATAL"
+            level = "ERROR" if "insert" in (e.strerror or "") else "FATAL"
             print(f"modprobe: {level}: {e.strerror}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from ..host.netlink_types import LinkChange, LinkInfo, VfChange, VfSettings
-from .model import PfSnapshot, VfSnapshot, assigned_guid, assigned_mac
+from .model import PfSnapshot, RepSnapshot, VfSnapshot, assigned_guid, assigned_mac
 
 NETDEV_DRIVER = "mlx5_core"  # the driver whose VFs have a netdev in the host namespace
 
@@ -108,7 +108,7 @@ def must_rebind(saved: VfSnapshot, current_driver: str | None, netdev: LinkInfo 
     return netdev is not None and not netdev_shows_identity(saved, netdev, ib=ib)
 
 
-def link_change(saved: VfSnapshot | PfSnapshot, now: LinkInfo) -> LinkChange:
+def link_change(saved: VfSnapshot | PfSnapshot | RepSnapshot, now: LinkInfo) -> LinkChange:
     """MTU and admin state to set on a netdev so that it matches the snapshot."""
     mtu = saved.mtu if saved.mtu is not None and saved.mtu != now.mtu else None
     up = saved.up if saved.up is not None and saved.up != now.up else None

@@ -77,12 +77,16 @@ class Restorer:
         self.no_netdev: set[str] = set()  # VFs restored with no netdev work to do
         self.not_kept: dict[str, str] = {}  # VF PCI -> settings read back otherwise (still bound)
 
+    def _pause(self, seconds: float) -> None:
+        """tenacity's backoff: a wait that a stop cuts short."""
+        self.stop.wait(seconds)
+
     # ---- primitives, each retried on transient errors until the deadline ------------------------
     def retrying(self, what: str, fn: Any, *args: Any) -> Any:
         left = max(0.0, self.deadline - time.monotonic())
         for attempt in Retrying(stop=stop_after_delay(left), reraise=True,
                                 wait=wait_exponential(multiplier=0.01, max=0.5),
-                                retry=retry_if_exception(_transient), sleep=self.stop.wait):
+                                retry=retry_if_exception(_transient), sleep=self._pause):
             with attempt:
                 if self.stop.is_set():
                     raise RestoreAborted(f"stopped while trying to {what}")
