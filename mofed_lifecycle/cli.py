@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
     run.add_argument("--once", action="store_true", help="exit 0 once ready instead of staying up")
     run.add_argument("--dry-run", action="store_true",
-                     help="print the decision and the plan, change nothing")
+                     help="print the decision and the plan, change nothing; exit 1 if the "
+                          "reload would be refused")
 
     pm = sub.add_parser(
         "peermem", formatter_class=fmt, epilog=EPILOG,
@@ -232,9 +233,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             from .lifecycle.dry_run import dry_run
 
-            _proceed, text = dry_run(node, config)
+            proceed, text = dry_run(node, config)
             print(text)
-            return EXIT_OK
+            return EXIT_OK if proceed else EXIT_FAILED  # 1: `run` would refuse the reload
         from .lifecycle.runner import run_lifecycle
 
         return run_lifecycle(node, config, once=args.once)

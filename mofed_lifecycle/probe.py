@@ -29,6 +29,7 @@ from .heartbeat import read_heartbeat
 from .host.files import InstanceLock, read_json
 from .host.node import Tools
 from .host.paths import NodePaths
+from .lifecycle.decide import ModuleComparison
 from .lifecycle.journal import journal_dir
 from .status import driver_srcversions, module_list, read_marker
 
@@ -62,7 +63,7 @@ def probe_ready(tools: Tools, config: Config) -> ProbeResult:
         if recorded.get(m) != v["loaded"]:
             return ProbeResult(False, f"{m} srcversion {v['loaded']} loaded ≠ {recorded.get(m)} "
                                       "in the marker: the driver changed after it was set")
-        if v["installed"] != v["loaded"]:
+        if ModuleComparison(m, v["loaded"], v["installed"], core=True).differs:
             return ProbeResult(False, f"{m} srcversion {v['loaded']} loaded ≠ "
                                       f"{v['installed'] or 'none'} installed (modinfo): the "
                                       "installed driver is not the one loaded")

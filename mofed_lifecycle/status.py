@@ -21,7 +21,7 @@ from .host.files import InstanceLock, read_json
 from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
 from .host.node import Tools
 from .lifecycle.budget import stop_budget_s
-from .lifecycle.decide import CORE
+from .lifecycle.decide import CORE, ModuleComparison
 from .lifecycle.journal import journal_dir
 
 MODINFO_TIMEOUT_S = 5.0
@@ -152,7 +152,10 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"driver       configured {d['version_configured'] or '-'}, "
                  f"marker {d['version_marker'] or '-'}")
     for m, v in d["modules"].items():
-        ok = "ok" if v["loaded"] and v["loaded"] == v["installed"] else "DIFFERS"
+        # decide's rule, the one the daemon reloads by (a module not loaded is no difference
+        # unless it is one of the core)
+        cmp = ModuleComparison(m, v["loaded"], v["installed"], core=m in CORE)
+        ok = "DIFFERS" if cmp.differs else ("ok" if cmp.present else "not loaded")
         lines.append(f"  {m:<11}loaded {v['loaded'] or 'not loaded'}, "
                      f"installed {v['installed'] or 'not found'}  {ok}")
     mk = st["marker"]

@@ -75,7 +75,7 @@ def test_any_environment_is_refused_in_one_line_or_accepted_by_the_dry_run(node,
     if code == 2:
         check_refusal(code, stderr, env)
     else:
-        assert code == 0, stderr[-2000:]
+        assert code in (0, 1), stderr[-2000:]  # 1: the reload would be refused
         assert out.getvalue().startswith("decision: ")
 
 

@@ -140,6 +140,16 @@ def test_dry_run_explains_and_changes_nothing(tiny):
     assert k.call("state") == before and not (root / JOURNAL).exists()
 
 
+def test_dry_run_exits_1_when_the_reload_would_be_refused(make_node):
+    root, k = make_node(STORAGE, "storage-dry")
+    before = k.call("state")
+    r = lifecycle(root, "--dry-run")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "would refuse the reload" in r.stdout and "UNLOAD_STORAGE_MODULES" in r.stdout
+    assert k.call("state") == before
+    assert lifecycle(root, "--dry-run", env={"UNLOAD_STORAGE_MODULES": "true"}).returncode == 0
+
+
 def test_storage_module_refuses_the_reload_untouched_unless_allowed(make_node):
     root, k = make_node(STORAGE, "storage")
     before = k.call("state")
