@@ -39,7 +39,7 @@ from prometheus_client import (
 )
 
 from . import __version__
-from .lifecycle.machine import State
+from .lifecycle.machine import State, is_ready
 from .log import get_logger
 
 PREFIX = "mofed_lifecycle"
@@ -111,7 +111,7 @@ class Metrics:
         self._current = (state, now)
         self.state.state(state)
         self.since.set(since)
-        self.ready.set(1 if state == str(State.SERVE) else 0)
+        self.ready.set(1 if is_ready(state) else 0)
         self.entered_total.labels(state).inc()
         if state == str(State.RELOAD):
             self.reloads.inc()

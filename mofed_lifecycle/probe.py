@@ -31,9 +31,8 @@ from .host.node import Tools
 from .host.paths import NodePaths
 from .lifecycle.decide import ModuleComparison
 from .lifecycle.journal import journal_dir
+from .lifecycle.machine import is_ready
 from .status import driver_srcversions, module_list, read_marker
-
-SERVING = ("ready", "serve")
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def probe_ready(tools: Tools, config: Config) -> ProbeResult:
             return ProbeResult(False, f"{m} srcversion {v['loaded']} loaded ≠ "
                                       f"{v['installed'] or 'none'} installed (modinfo): the "
                                       "installed driver is not the one loaded")
-    if state is not None and state not in SERVING:
+    if state is not None and not is_ready(state):
         return ProbeResult(False, f"the daemon is in state {state}, not serving")
     facts = journal.get("facts") or {}
     restore: dict[str, Any] = facts["restore"] if isinstance(facts.get("restore"), dict) else {}

@@ -124,3 +124,12 @@ def test_every_working_state_has_its_step_in_one_table():
     runners_own = {State.LOCK, State.SERVE, State.REFUSED, State.FAILED, State.STOPPING,
                    State.STOPPED}
     assert set(STEPS) == set(State) - runners_own
+
+
+def test_ready_means_serving_and_nothing_else():
+    """One definition of ready for status.json, the metric and the probe: only `serve` follows
+    the marker being written (the `ready` step writes it)."""
+    from mofed_lifecycle.lifecycle.machine import State, is_ready
+
+    assert [s for s in State if is_ready(s)] == [State.SERVE]
+    assert is_ready("serve") and not is_ready("ready") and not is_ready(None)

@@ -20,7 +20,7 @@ from ..config import Config
 from ..host.files import SpaceReserve, atomic_write_json, read_record_with_copy
 from ..host.paths import NodePaths
 from ..log import get_logger
-from .machine import SWAP_STATES, State
+from .machine import SWAP_STATES, State, is_ready
 
 HISTORY_LIMIT = 500  # entries kept (oldest dropped): a journal never grows without bound
 JOURNAL_DIR = "mofed-lifecycle"
@@ -162,7 +162,7 @@ class Journal:
     def _status(self, doc: dict[str, Any]) -> dict[str, Any]:
         return {
             "state": doc["state"], "since": doc["since"], "pid": doc["pid"],
-            "ready": self.state in (State.READY, State.SERVE),
+            "ready": is_ready(self.state),
             "reason": self.facts.get("reason"), "last_error": self.facts.get("last_error"),
             "decision": self.facts.get("decision_text"),
             "reloaded_by_us": self.facts.get("reloaded_by_us", False),

@@ -78,6 +78,13 @@ CRITICAL: frozenset[State] = frozenset({S.BLACKLIST, S.UNLOAD_AUX, S.RELOAD, S.R
 SWAP_STATES: frozenset[State] = CRITICAL | {S.UNBLACKLIST}
 
 
+def is_ready(state: State | str | None) -> bool:
+    """The one definition of "ready" (status.json, the metric, the readiness probe): serving.
+    The marker is written by the `ready` step, so only `serve` comes after it; every other state,
+    `ready` included, is on its way there or away from it."""
+    return state is not None and str(state) == S.SERVE.value
+
+
 class TransitionError(RuntimeError):
     """The runner reported an outcome the table does not allow for the current state."""
 
