@@ -330,3 +330,23 @@ def test_the_snapshot_check_accepts_every_legitimate_shape_and_names_what_it_ref
     ]:
         problem = snapshot_problem(Snapshot(1.0, (bad,)))
         assert problem is not None and says in problem, (says, problem)
+
+
+def test_a_journal_from_a_newer_daemon_is_refused_by_name_never_misread(tmp_path):
+    """The journal is versioned on disk; one without a version (older daemons) is read, one from
+    a newer daemon is a damaged record naming the version (the daemon stays not ready)."""
+    import json
+
+    from mofed_lifecycle.lifecycle.journal import JOURNAL_VERSION, Journal
+
+    old = {"state": "serve", "facts": {"restore_pending": True}, "history": []}
+    (tmp_path / "journal.json").write_text(json.dumps(old))
+    j = Journal(tmp_path)
+    assert j.damaged is None and j.facts["restore_pending"] is True
+    j.start_run()
+    assert json.loads((tmp_path / "journal.json").read_text())["version"] == JOURNAL_VERSION
+    newer = {**old, "version": JOURNAL_VERSION + 1}
+    for name in ("journal.json", "journal.copy.json"):
+        (tmp_path / name).write_text(json.dumps(newer))
+    j = Journal(tmp_path)
+    assert j.facts == {} and j.damaged and "written by a newer mofed-lifecycle" in j.damaged

@@ -34,10 +34,20 @@ def journal_dir(paths: NodePaths, config: Config) -> Path:
     return paths.resolve(config.drivers_mount) / JOURNAL_DIR
 
 
-def valid_journal(doc: Any) -> bool:
-    return (isinstance(doc, dict) and isinstance(doc.get("facts", {}), dict)
+JOURNAL_VERSION = 1  # on disk as "version"; a journal without one is version 1 (older daemons)
+
+
+def valid_journal(doc: Any) -> bool | str:
+    """True for a journal this daemon can resume from; else why not."""
+    if not (isinstance(doc, dict) and isinstance(doc.get("facts", {}), dict)
             and isinstance(doc.get("history", []), list)
-            and isinstance(doc.get("state") or "", str))
+            and isinstance(doc.get("state") or "", str)):
+        return False
+    version = doc.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version > JOURNAL_VERSION:
+        return (f"journal version {version!r} was written by a newer mofed-lifecycle; this one "
+                f"reads version {JOURNAL_VERSION}: run the newer one, or move the journal away")
+    return True
 
 
 class Journal:
@@ -120,7 +130,8 @@ class Journal:
         return False
 
     def write(self) -> None:
-        doc = {"pid": os.getpid(), "state": str(self.state) if self.state else None,
+        doc = {"version": JOURNAL_VERSION, "pid": os.getpid(),
+               "state": str(self.state) if self.state else None,
                "since": round(self.since, 6), "facts": self.facts, "history": self.history}
         try:
             self._write_primary(doc)
