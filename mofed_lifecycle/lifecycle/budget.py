@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..host.commands import DRAIN_S
+from .machine import State
 
 TOOL_CALLS_PER_STEP = 2  # a step's tool calls together get this many TOOL_TIMEOUT_SEC
 MIN_CALL_SHARE = 0.25  # of TOOL_TIMEOUT_SEC: what must be left of the budget to start a command
@@ -24,8 +25,9 @@ COMMAND_OVERRUN_S = 2 * DRAIN_S + 1.0
 STEP_BUDGET_S = 900.0
 MARGIN_S = 120.0  # on a state's budget before the heartbeat calls it hung
 STOP_MARGIN_S = 30.0  # on the SIGTERM budget: the states between the steps, the last journal write
-UNBOUNDED = frozenset({"serve", "refused", "failed", "stopped"})  # waits on the stop Event
-TOOL_STATES = frozenset({"inspect", "decide", "unload-aux", "reload-aux"})
+# the states compare equal to their names: a state read back from heartbeat.json works too
+UNBOUNDED = frozenset({State.SERVE, State.REFUSED, State.FAILED, State.STOPPED})  # stop Event
+TOOL_STATES = frozenset({State.INSPECT, State.DECIDE, State.UNLOAD_AUX, State.RELOAD_AUX})
 
 
 def tools_budget_s(config: Config) -> float:
@@ -64,17 +66,17 @@ def state_budget_s(state: str | None, config: Config) -> float | None:
     """How long the daemon may stay in `state` before it counts as hung (None: no bound)."""
     if state is None or state in UNBOUNDED:
         return None
-    if state == "reload":
+    if state == State.RELOAD:
         return reload_s(config) + MARGIN_S
-    if state == "restore":
+    if state == State.RESTORE:
         return config.vf_restore_timeout_s + MARGIN_S
-    if state == "stopping":
+    if state == State.STOPPING:
         return inbox_restore_s(config) + MARGIN_S
     if state in TOOL_STATES:
         return tools_budget_s(config) + COMMAND_OVERRUN_S + MARGIN_S
-    if state == "preflight":  # a watching peermem loader is given its time to unload
+    if state == State.PREFLIGHT:  # a watching peermem loader is given its time to unload
         return config.peermem_unload_wait_s + MARGIN_S
-    if state == "mount-headers":
+    if state == State.MOUNT_HEADERS:
         return config.tool_timeout_s + COMMAND_OVERRUN_S + MARGIN_S
     return STEP_BUDGET_S
 
