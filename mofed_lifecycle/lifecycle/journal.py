@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack, cast
 
 from ..config import Config
 from ..host.files import SpaceReserve, atomic_write_json, read_record_with_copy
@@ -35,6 +35,30 @@ def journal_dir(paths: NodePaths, config: Config) -> Path:
 
 
 JOURNAL_VERSION = 1  # on disk as "version"; a journal without one is version 1 (older daemons)
+
+
+class Facts(TypedDict, total=False):
+    """What the journal remembers across runs, every key typed (mypy checks each read and write).
+    On disk as the journal's "facts"; a key absent means "never recorded"."""
+
+    # the decision and the preflight of the last cycle
+    decision: dict[str, Any]
+    decision_text: str
+    preflight: dict[str, Any]
+    reason: str | None  # why the reload is refused (None: it is not)
+    last_error: str | None  # the last failed step, and what the node was left with
+    # the swap
+    blacklist_written: bool  # committed before the host blacklist is written
+    reloaded_by_us: bool  # the loaded driver is the one our reload loaded (inbox restore on stop)
+    reloaded_this_run: bool
+    unloaded_for_swap: list[str]  # holders and aux modules owed back
+    stack_owed: list[str]  # stack modules owed back while openibd has not completed
+    not_reloaded: list[str]  # owed modules that could not be loaded back
+    # the SR-IOV restore
+    restore_pending: bool  # a saved snapshot's VFs are owed
+    restored_vfs: list[str]  # PCI addresses restored from it already
+    snapshot: dict[str, Any]  # its summary (pfs, vfs, taken_at)
+    restore: dict[str, Any] | None  # this run's restore summary
 
 
 def valid_journal(doc: Any) -> bool | str:
@@ -74,7 +98,8 @@ class Journal:
             self.path, self.copy_path, valid_journal)
         self.previous: dict[str, Any] = previous if isinstance(previous, dict) else {}
         self.history: list[dict[str, Any]] = list(self.previous.get("history", []))[-HISTORY_LIMIT:]
-        self.facts: dict[str, Any] = dict(self.previous.get("facts", {}))
+        # as read from disk: a key of another type is the reader's to doubt (status, probes)
+        self.facts: Facts = cast(Facts, dict(self.previous.get("facts", {})))
         self.state: State | None = None
         self.since = self.clock()
         self.run_started = self.since
@@ -110,23 +135,18 @@ class Journal:
         del self.history[:-HISTORY_LIMIT]
         self.write()
 
-    def set(self, **facts: Any) -> None:
+    def set(self, **facts: Unpack[Facts]) -> None:
         self.facts.update(facts)
         self.write()
 
-    def commit(self, **facts: Any) -> bool:
+    def commit(self, **facts: Unpack[Facts]) -> bool:
         """Set `facts` only if they reach the disk: False (and memory as it was) if the write
         failed. For facts that must be durable before the node is touched."""
-        missing = object()
-        before = {k: self.facts.get(k, missing) for k in facts}
+        before = self.facts.copy()
         self.set(**facts)
         if self.unsaved is None:
             return True
-        for k, v in before.items():
-            if v is missing:
-                self.facts.pop(k, None)
-            else:
-                self.facts[k] = v
+        self.facts = before
         return False
 
     def write(self) -> None:
