@@ -18,7 +18,12 @@ import psutil
 from .config import Config
 from .heartbeat import read_heartbeat
 from .host.files import InstanceLock, read_json
-from .host.modules import ModuleCommandError, installed_srcversions, loaded_srcversions
+from .host.modules import (
+    ModuleCommandError,
+    installed_srcversions,
+    loaded_srcversions,
+    read_module_facts,
+)
 from .host.node import Tools
 from .lifecycle.budget import stop_budget_s
 from .lifecycle.decide import CORE, ModuleComparison
@@ -50,13 +55,20 @@ def module_list(config: Config, marker: dict[str, Any] | None) -> list[str]:
 
 
 def driver_srcversions(tools: Tools, modules: list[str]) -> dict[str, dict[str, Any]]:
-    """{module: {loaded, installed}}; installed is None when modinfo finds none (or fails)."""
+    """{module: {loaded, installed, present}}; installed is None when modinfo finds none (or
+    fails); present: in /proc/modules at all (an unversioned build is present with no loaded
+    srcversion)."""
     loaded = loaded_srcversions(tools.paths, modules)
+    try:
+        present = set(read_module_facts(tools.paths))
+    except OSError:
+        present = {m for m, v in loaded.items() if v}
     try:
         installed = installed_srcversions(modules, tools.env, MODINFO_TIMEOUT_S)
     except ModuleCommandError:
         installed = {m: None for m in modules}
-    return {m: {"loaded": loaded.get(m), "installed": installed.get(m)} for m in modules}
+    return {m: {"loaded": loaded.get(m), "installed": installed.get(m), "present": m in present}
+            for m in modules}
 
 
 def lock_holder(path: Path) -> dict[str, Any]:
@@ -154,7 +166,8 @@ def format_status(st: dict[str, Any]) -> str:
     for m, v in d["modules"].items():
         # decide's rule, the one the daemon reloads by (a module not loaded is no difference
         # unless it is one of the core)
-        cmp = ModuleComparison(m, v["loaded"], v["installed"], core=m in CORE)
+        cmp = ModuleComparison(m, v["loaded"], v["installed"], present=bool(v.get("present")),
+                               core=m in CORE)
         ok = "DIFFERS" if cmp.differs else ("ok" if cmp.present else "not loaded")
         lines.append(f"  {m:<11}loaded {v['loaded'] or 'not loaded'}, "
                      f"installed {v['installed'] or 'not found'}  {ok}")

@@ -350,3 +350,9 @@ def test_a_journal_from_a_newer_daemon_is_refused_by_name_never_misread(tmp_path
         (tmp_path / name).write_text(json.dumps(newer))
     j = Journal(tmp_path)
     assert j.facts == {} and j.damaged and "written by a newer mofed-lifecycle" in j.damaged
+    j.start_run()
+    j.set(last_error="inspect: the journal is damaged")  # what a refusing run writes
+    for name in ("journal.json", "journal.copy.json"):  # left as they were: refused again
+        assert json.loads((tmp_path / name).read_text()) == newer
+    assert Journal(tmp_path).damaged
+    assert "damaged" in json.loads((tmp_path / "status.json").read_text())["last_error"]

@@ -101,3 +101,25 @@ def test_libudev_message_format_round_trips():
     ev = event_from_properties(props)
     assert (ev.action, ev.name, ev.pci, ev.ifindex) == ("add", "eth0", "0000:01:00.2", 5)
     assert event_from_properties({**props, "SUBSYSTEM": "pci"}) is None
+
+
+def test_a_stream_of_unrelated_netdev_events_never_holds_the_readiness_wait_past_its_deadline():
+    """Events for other netdevs (veth churn on a busy node) keep coming: `poll` still returns at
+    its deadline, so the restore's own deadline and stop are checked (scaled clock, no sleeps)."""
+    from mofed_lifecycle.host.udev import NetdevEvent
+    from mofed_lifecycle.sriov.readiness import Readiness
+
+    now = [0.0]
+
+    class Churn:
+        def poll(self, timeout):  # an unrelated event at once, every time; time moves 10 ms
+            now[0] += 0.01
+            return NetdevEvent("add", "veth0", None, 99, None)
+
+        def close(self):
+            pass
+
+    r = Readiness(Churn(), present=lambda pci: None, driver=lambda pci: "mlx5_core",
+                  clock=lambda: now[0])
+    r.expect("0000:08:00.2", None, "mlx5_core", check_now=False)
+    assert r.poll(1.0) == [] and 1.0 <= now[0] < 1.1  # returned at its deadline

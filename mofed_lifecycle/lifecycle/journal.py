@@ -97,6 +97,10 @@ class Journal:
         previous, self.damaged, self.used = read_record_with_copy(
             self.path, self.copy_path, valid_journal)
         self.previous: dict[str, Any] = previous if isinstance(previous, dict) else {}
+        # neither file reads (damaged, or from a newer daemon): they are left exactly as they are
+        # (a later start must find them refused again, never a fresh journal written over them);
+        # only status.json says what this run does
+        self.frozen = bool(self.damaged) and self.used is None
         self.history: list[dict[str, Any]] = list(self.previous.get("history", []))[-HISTORY_LIMIT:]
         # as read from disk: a key of another type is the reader's to doubt (status, probes)
         self.facts: Facts = cast(Facts, dict(self.previous.get("facts", {})))
@@ -153,6 +157,10 @@ class Journal:
         doc = {"version": JOURNAL_VERSION, "pid": os.getpid(),
                "state": str(self.state) if self.state else None,
                "since": round(self.since, 6), "facts": self.facts, "history": self.history}
+        if self.frozen:
+            with contextlib.suppress(OSError):
+                atomic_write_json(self.status_path, self._status(doc))
+            return
         try:
             self._write_primary(doc)
         except OSError as e:

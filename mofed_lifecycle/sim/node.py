@@ -95,6 +95,15 @@ def _build(sc: Scenario, scenario_path: Path, root: Path) -> None:
     _install_tool(root / "etc/init.d/openibd", "openibd", root)
 
 
+def ensure_tools(root: Path) -> None:
+    """Every stand-in tool present (a node made by an older `sim init` may lack one): a tool
+    missing from `.sim/bin` would be found on the host's PATH and run for real (`mount`)."""
+    simdir = Path(root) / ".sim"
+    for tool in TOOLS:
+        if not (simdir / "bin" / tool).is_file():
+            _install_tool(simdir / "bin" / tool, tool, Path(root))
+
+
 def tool_path(root: Path) -> str:
     """PATH with the node's stand-in tools first."""
     return os.pathsep.join([str(Path(root) / ".sim" / "bin"), os.environ.get("PATH", "")])

@@ -15,7 +15,7 @@ from ..host.paths import NodePaths
 from ..host.udev import NetdevEvents, PyudevNetdevEvents, umockdev_active_for
 from .client import PerThreadClient
 from .netlink import SimNetlink
-from .node import tool_path
+from .node import ensure_tools, tool_path
 from .sysfs import SimSysfs
 from .udev import SimNetdevEvents
 
@@ -23,11 +23,13 @@ from .udev import SimNetdevEvents
 def sim_tools(root: str | Path) -> Tools:
     """A simulated node's read-only view: its stand-in tools first on PATH."""
     paths = NodePaths.at(root)
+    ensure_tools(paths.root)
     return Tools(paths, {**os.environ, "PATH": tool_path(paths.root)})
 
 
 def open_sim_node(root: str | Path) -> Node:
     paths = NodePaths.at(root)
+    ensure_tools(paths.root)
     client = PerThreadClient(paths.root)
 
     def events() -> NetdevEvents:

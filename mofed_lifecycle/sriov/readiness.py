@@ -83,12 +83,12 @@ class Readiness:
                     for q in self.watchers.get(ev.pci or "", ()):
                         q.put(ev)
                     e = self.expected.get(ev.pci) if ev.pci else None
-                    if e is None or ev.pci is None:
-                        continue
-                    if ev.action == "remove":
+                    # an event for another netdev falls through to the deadline check below
+                    if e is not None and ev.pci is not None and ev.action == "remove":
                         e.ready, e.netdev = False, None
                         out = [x for x in out if x.pci != ev.pci]
-                    elif ev.action in ("add", "move") and not e.ready \
+                    elif e is not None and ev.pci is not None and ev.action in ("add", "move") \
+                            and not e.ready \
                             and self.driver(ev.pci) == self.expected_driver[ev.pci]:
                         e.ready, e.netdev = True, ev.name
                         out.append(e)
