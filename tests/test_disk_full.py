@@ -55,6 +55,19 @@ def fill(mount: Path, *, reserve_too: bool = True) -> Path:
     return ballast
 
 
+def fill_during_openibd(root: Path, mount: Path, *, reserve_too: bool
+                        ) -> tuple[Path, subprocess.Popen, str]:
+    """Start `run --once`, fill the mount while openibd restarts, wait for the exit:
+    (the ballast, the process, its log)."""
+    p = lifecycle(root, "--once", wait=False)
+    journal = mount / "mofed-lifecycle/journal.json"
+    wait_for(lambda: journal.exists() and '"state": "reload"' in journal.read_text(),
+             "the daemon inside openibd restart", timeout=30)
+    ballast = fill(mount, reserve_too=reserve_too)
+    _, stderr = p.communicate(timeout=120)
+    return ballast, p, stderr
+
+
 @pytest.fixture
 def mixed(make_node):
     root, k = make_node(MIXED.replace("openibd_restart_s = 60", "openibd_restart_s = 300"), "mx")
@@ -65,12 +78,8 @@ def mixed(make_node):
 def test_the_disk_filling_during_the_swap_still_removes_the_blacklist_and_restores_every_vf(mixed):
     root, k, mount = mixed
     before = k.call("state")
-    p = lifecycle(root, "--once", wait=False)
-    journal = mount / "mofed-lifecycle/journal.json"
-    wait_for(lambda: journal.exists() and '"state": "reload"' in journal.read_text(),
-             "the daemon inside openibd restart", timeout=30)
-    ballast = fill(mount)  # openibd is running: every journal write from here on fails
-    _, stderr = p.communicate(timeout=120)
+    ballast, p, stderr = fill_during_openibd(root, mount, reserve_too=True)
+    # openibd was running: every journal write from then on failed
     assert p.returncode == 1, stderr[-3000:]
     after = k.call("state")
     assert after["blacklist_files"] == []
@@ -97,12 +106,8 @@ def test_the_disk_filling_during_the_swap_still_removes_the_blacklist_and_restor
 def test_the_journals_reserve_lets_a_swap_under_way_finish_durably_on_a_full_disk(mixed):
     root, k, mount = mixed
     before = k.call("state")
-    p = lifecycle(root, "--once", wait=False)
+    _, p, stderr = fill_during_openibd(root, mount, reserve_too=False)
     journal = mount / "mofed-lifecycle/journal.json"
-    wait_for(lambda: journal.exists() and '"state": "reload"' in journal.read_text(),
-             "the daemon inside openibd restart", timeout=30)
-    fill(mount, reserve_too=False)
-    _, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr[-3000:]
     after = k.call("state")
     assert after["blacklist_files"] == [] and after["markers"][MARKER]
