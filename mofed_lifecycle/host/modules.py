@@ -8,10 +8,8 @@ readings live in `lifecycle/decide.py` and `lifecycle/preflight.py`.
 
 from __future__ import annotations
 
-import math
 import os
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,22 +98,18 @@ def _run(argv: list[str], env: Mapping[str, str], timeout_s: float, what: str) -
             f"{argv[0]} on PATH?", argv=argv) from None
 
 
-def installed_srcversions(modules: Iterable[str], env: Mapping[str, str], timeout_s: float,
-                          total_s: float | None = None) -> dict[str, str | None]:
+def installed_srcversions(modules: Iterable[str], env: Mapping[str, str],
+                          timeout: float | Callable[[str], float]) -> dict[str, str | None]:
     """`modinfo -F srcversion <m>` per module (a few at once); None on empty output or a non-zero
-    exit (not installed, or an unversioned build). `total_s`: all of them within this (a call
-    gets what is left, and none starts once it is spent: ModuleCommandError)."""
+    exit (not installed, or an unversioned build). `timeout`: seconds per call, or a function
+    giving the next call's (a step's shared budget: lifecycle/budget.ToolDeadline.timeout, which
+    raises when the budget is spent)."""
     names = list(dict.fromkeys(modules))
-    end = time.monotonic() + (total_s if total_s is not None else math.inf)
 
     def one(m: str) -> str | None:
-        left = end - time.monotonic()
-        if left <= 0.05:
-            raise ModuleCommandError(f"modinfo {m} not started: the {total_s:g}s for the stack's "
-                                     "modinfo calls are spent on calls that did not finish; see "
-                                     "the process list and `dmesg`, then retry")
-        r = _run(["modinfo", "-F", "srcversion", m], env, min(timeout_s, left),
-                 f"srcversion of {m}")
+        argv = ["modinfo", "-F", "srcversion", m]
+        t = timeout(" ".join(argv)) if callable(timeout) else timeout
+        r = _run(argv, env, t, f"srcversion of {m}")
         lines = r.stdout.strip().splitlines() if r.ok else []
         return lines[0].strip() if lines and lines[0].strip() else None
 

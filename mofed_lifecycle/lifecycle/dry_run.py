@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import Config
 from ..host.modules import installed_srcversions, loaded_srcversions, read_module_facts
 from ..host.node import Node
-from .budget import tools_budget_s
+from .budget import ToolDeadline
 from .decide import compared_modules, decide
 from .preflight import plan
 
@@ -15,8 +15,8 @@ def dry_run(node: Node, config: Config) -> tuple[bool, str]:
     modules = compared_modules(config)
     facts = read_module_facts(node.paths)
     decision = decide(loaded_srcversions(node.paths, modules),
-                      installed_srcversions(modules, node.env, config.tool_timeout_s,
-                                            tools_budget_s(config)), modules,
+                      installed_srcversions(modules, node.env, ToolDeadline(config).timeout),
+                      modules,
                       present=set(facts))
     lines = [f"decision: {decision.explain()}"]
     if not decision.reload:

@@ -29,7 +29,7 @@ from ..sriov.model import merge_pending
 from ..sriov.snapshot import save_snapshot, take_snapshot
 from ..sriov.validate import snapshot_problem
 from .blacklist import remove_blacklist, write_blacklist
-from .budget import BudgetSpent, ToolDeadline, tools_budget_s
+from .budget import BudgetSpent, ToolDeadline
 from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
 from .errors import StepFailed
 from .machine import Outcome, State
@@ -53,8 +53,7 @@ def step_inspect(r: Runner) -> Outcome:
     modules = compared_modules(r.config)
     r.facts = read_module_facts(r.node.paths)
     r.loaded = loaded_srcversions(r.node.paths, modules)
-    r.installed = installed_srcversions(modules, r.node.env, r.config.tool_timeout_s,
-                                           tools_budget_s(r.config))
+    r.installed = installed_srcversions(modules, r.node.env, ToolDeadline(r.config).timeout)
     if not any(r.installed.get(m) for m in CORE):
         raise StepFailed("modinfo finds none of the installed driver's modules "
                          f"({', '.join(CORE)}): is the driver installed in this container "
