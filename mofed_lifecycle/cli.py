@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -189,32 +190,46 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def tools_at(root: Path) -> Tools:
-    """The read-only view (paths, tool PATH) for status, probes and the peermem loader, chosen
-    the same way as `open_node_at`."""
-    from .sim.client import is_simulated
+@dataclass(frozen=True)
+class Seams:
+    """Which node a root gets, chosen once, here (the composition root): a root made by `sim init`
+    gets the simulated kernel's seams, any other (`/` on a real node) the real ones. Nothing below
+    the CLI asks which it got. `in_process`: a simulated node's tools run as calls in this process
+    (tests drive `main(argv, Seams(in_process=True))`, without a process per command)."""
 
-    if is_simulated(root):
-        from .sim.seam import sim_tools
+    in_process: bool = False
 
-        return sim_tools(root)
-    from .host.node import host_tools
+    def die(self) -> None:
+        """What MOFED_LIFECYCLE_CRASH_AT does: SIGKILL this process; in-process, stop the run
+        dead (`runner.Crashed`, which a test sees as the exit of a killed process)."""
+        from .lifecycle.runner import Crashed, sigkill_self
 
-    return host_tools(root)
+        if self.in_process:
+            raise Crashed
+        sigkill_self()
 
+    def node(self, root: Path) -> Node:
+        from .sim.client import is_simulated
 
-def open_node_at(root: Path) -> Node:
-    """The composition root chooses the seam: a root made by `sim init` gets the simulated
-    kernel's, any other (`/` on a real node) the real one."""
-    from .sim.client import is_simulated
+        if is_simulated(root):
+            from .sim.seam import open_sim_node
 
-    if is_simulated(root):
-        from .sim.seam import open_sim_node
+            return open_sim_node(root, in_process=self.in_process)
+        from .host.node import open_node
 
-        return open_sim_node(root)
-    from .host.node import open_node
+        return open_node(root)
 
-    return open_node(root)
+    def tools(self, root: Path) -> Tools:
+        """The read-only view (paths, tools) for status, probes and the peermem loader."""
+        from .sim.client import is_simulated
+
+        if is_simulated(root):
+            from .sim.seam import sim_tools
+
+            return sim_tools(root, in_process=self.in_process)
+        from .host.node import host_tools
+
+        return host_tools(root)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -228,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         configure_logging(json=None if args.log_format == "auto" else args.log_format == "json",
                           level="debug", also=debug_file)
     get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
-    node = open_node_at(args.root)
+    node = args.seams.node(args.root)
     try:
         if args.dry_run:
             from .lifecycle.dry_run import dry_run
@@ -238,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_OK if proceed else EXIT_FAILED  # 1: `run` would refuse the reload
         from .lifecycle.runner import run_lifecycle
 
-        return run_lifecycle(node, config, once=args.once)
+        return run_lifecycle(node, config, once=args.once, die=args.seams.die)
     finally:
         node.close()
 
@@ -274,7 +289,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import run_probe
 
     _quiet_logs(args)
-    result = run_probe(args.which, tools_at(args.root), load_config(os.environ,
+    result = run_probe(args.which, args.seams.tools(args.root), load_config(os.environ,
                                                           require_driver_version=False),
                        args.max_age)
     print(result.line(args.which))
@@ -285,7 +300,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import format_status, gather
 
     _quiet_logs(args)
-    st = gather(tools_at(args.root), load_config(os.environ, require_driver_version=False))
+    st = gather(args.seams.tools(args.root), load_config(os.environ, require_driver_version=False))
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return EXIT_OK
 
@@ -297,7 +312,7 @@ def cmd_peermem(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout {args.timeout:g}: expected a number of seconds greater than 0")
     config = load_config(os.environ, require_driver_version=False)
     get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
-    return run_loader(tools_at(args.root), config, once=args.once, timeout_s=args.timeout,
+    return run_loader(args.seams.tools(args.root), config, once=args.once, timeout_s=args.timeout,
                       wait_gpu=args.wait_gpu_driver or config.peermem_wait_gpu_driver)
 
 
@@ -344,9 +359,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return EXIT_OK if result.report["outcome"] == "ready" else EXIT_FAILED
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.seams = seams or Seams()
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(json=fmt, level=args.log_level)
     from .sim.node import NodeExists

@@ -53,10 +53,14 @@ class Heartbeat:
         self.beat()
         self.thread.start()
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop beating, writing nothing more."""
         self.done.set()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
+
+    def stop(self) -> None:
+        self.halt()
         self.beat(running=False)
 
     def _loop(self) -> None:

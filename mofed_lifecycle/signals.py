@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -25,12 +26,22 @@ class StopSignals:
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._previous: dict[int, Any] = {}
 
     def install(self, signals: Iterable[int] = STOP_SIGNALS) -> StopSignals:
         self._thread.start()
         for sig in signals:
-            signal.signal(sig, self.handler)
+            self._previous[sig] = signal.signal(sig, self.handler)
         return self
+
+    def uninstall(self) -> None:
+        """Put the handlers found at `install` back and end the thread (a caller that goes on
+        living after the run: `main()` called in-process)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        with contextlib.suppress(OSError):
+            os.close(self._w)  # the thread reads end-of-file, closes its end and returns
 
     def handler(self, signum: int, _frame: FrameType | None = None) -> None:
         with contextlib.suppress(OSError):  # the pipe is full: a stop is pending already
@@ -43,6 +54,7 @@ class StopSignals:
             except OSError:
                 return
             if not data:
+                os.close(self._r)
                 return
             for signum in data:
                 self.on_signal(signum)

@@ -64,7 +64,7 @@ def driver_srcversions(tools: Tools, modules: list[str]) -> dict[str, dict[str, 
     except OSError:
         present = {m for m, v in loaded.items() if v}
     try:
-        installed = installed_srcversions(modules, tools.env, MODINFO_TIMEOUT_S)
+        installed = installed_srcversions(modules, tools.commands, MODINFO_TIMEOUT_S)
     except ModuleCommandError:
         installed = {m: None for m in modules}
     return {m: {"loaded": loaded.get(m), "installed": installed.get(m), "present": m in present}
@@ -72,9 +72,13 @@ def driver_srcversions(tools: Tools, modules: list[str]) -> dict[str, dict[str, 
 
 
 def lock_holder(path: Path) -> dict[str, Any]:
-    pid = InstanceLock(path).holder_pid()
-    return {"path": str(path), "pid": pid,
-            "running": pid is not None and pid > 0 and psutil.pid_exists(pid)}
+    """The PID written in the lock file, and whether a daemon runs: the lock is held (a PID
+    alone may be a dead run's, reused since); where /proc/locks cannot be read, the PID lives."""
+    lock = InstanceLock(path)
+    pid = lock.holder_pid()
+    held = lock.held()
+    alive = pid is not None and pid > 0 and psutil.pid_exists(pid)
+    return {"path": str(path), "pid": pid, "running": alive if held is None else held}
 
 
 def last_transition(history: list[dict[str, Any]]) -> dict[str, Any] | None:

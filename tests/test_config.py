@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -16,14 +15,15 @@ from hypothesis import strategies as st
 
 from mofed_lifecycle.config import SPECS, ConfigError, load_config, markdown_table
 
+from .inprocess import run_cli
+
 BASE = {"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7"}
 SECRET = "ubuntu-pro-C13Xk9s3cr3tT0ken"
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in {s.var for s in SPECS}}
-    return subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", *args],
-                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+    return run_cli(list(args), environ={**clean, **env})
 
 
 def test_defaults_are_those_of_todays_driver_container():

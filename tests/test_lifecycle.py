@@ -23,6 +23,7 @@ from mofed_lifecycle.sim.scenario import AUX_DEPS, STACK_DEPS
 from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
 from .conftest import SCENARIOS, SHARED_SCENARIOS
+from .inprocess import run_cli
 
 COMPARED = ("mlx5_core", "mlx5_ib", "ib_core")
 MARKER = "run/mellanox/drivers/.driver-ready"
@@ -50,10 +51,17 @@ numvfs = 2
 
 
 def lifecycle(root: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
-              timeout: float = 60) -> subprocess.CompletedProcess | subprocess.Popen:
+              timeout: float = 60, process: bool = False
+              ) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`mofed-lifecycle run --root ROOT ARGS`: in this process (the node's tools as calls) unless
+    the test needs the real process (`wait=False` to signal or kill it, or `process=True`). A
+    run told to kill itself (MOFED_LIFECYCLE_CRASH_AT) stops dead in-process (`runner.Crashed`)
+    and returns -9, as the killed process would."""
     full_env = {**os.environ, "NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7", **(env or {})}
-    argv = [sys.executable, "-m", "mofed_lifecycle.cli", "--log-format", "json", "run",
-            "--root", str(root), *args]
+    cli = ["--log-format", "json", "run", "--root", str(root), *args]
+    if wait and not process:
+        return run_cli(cli, full_env)
+    argv = [sys.executable, "-m", "mofed_lifecycle.cli", *cli]
     if not wait:
         return subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

@@ -15,6 +15,7 @@ import pytest
 from mofed_lifecycle.host.netlink_types import VfChange, vf_infos
 from mofed_lifecycle.sim.scenario_parse import parse_scenario
 
+from .inprocess import run_cli
 from .test_lifecycle import (
     JOURNAL,
     MARKER,
@@ -72,8 +73,7 @@ vf.1 = { vlan = 100 }
 
 
 def sim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mofed_lifecycle.cli", "sim", *args],
-                          capture_output=True, text=True, timeout=60)
+    return run_cli(["sim", *args])
 
 
 def reloads(root: Path) -> int:

@@ -23,6 +23,7 @@ from mofed_lifecycle.probe import probe_live, probe_ready, probe_startup
 from mofed_lifecycle.sim.node import tool_path
 from mofed_lifecycle.sim.seam import sim_tools
 
+from .inprocess import run_cli
 from .test_lifecycle import MARKER, lifecycle, wait_for
 
 JDIR = "run/mellanox/drivers/mofed-lifecycle"
@@ -30,9 +31,7 @@ CONFIG = load_config({}, require_driver_version=False)
 
 
 def cli(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "mofed_lifecycle.cli", *args, "--root", str(root)]
-    return subprocess.run(argv, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=30)
+    return run_cli([*args, "--root", str(root)], env)
 
 
 def test_ready_fails_on_the_inbox_driver_where_lsmod_grep_passes(tiny):

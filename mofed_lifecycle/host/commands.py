@@ -102,12 +102,38 @@ def run_command(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str]
         t.join(timeout=max(0.0, drained_by - time.monotonic()))
     out, err = (b"".join(c).decode(errors="replace") for c in chunks)
     if timed_out:
-        log.error("command.timeout", argv=list(argv), timeout_s=timeout_s,
-                  stdout=out[-OUTPUT_LOG_LIMIT:], stderr=err[-OUTPUT_LOG_LIMIT:])
-        raise CommandTimeout(f"{' '.join(argv)} did not finish within {timeout_s:g}s")
+        raise log_timeout(argv, timeout_s, out, err)
     result = CommandResult(tuple(argv), proc.returncode, out, err,
                            round(time.monotonic() - start, 3))
-    log.info("command.finished", argv=list(argv), rc=proc.returncode,
-             duration_s=result.duration_s, stdout=out[-OUTPUT_LOG_LIMIT:],
-             stderr=err[-OUTPUT_LOG_LIMIT:])
+    return log_finished(result)
+
+
+def log_finished(result: CommandResult) -> CommandResult:
+    """The one log event of a command that ran to its end (any runner of the node's tools)."""
+    get_logger("command").info(
+        "command.finished", argv=list(result.argv), rc=result.returncode,
+        duration_s=result.duration_s, stdout=result.stdout[-OUTPUT_LOG_LIMIT:],
+        stderr=result.stderr[-OUTPUT_LOG_LIMIT:])
     return result
+
+
+def log_timeout(argv: Sequence[str], timeout_s: float, out: str, err: str) -> CommandTimeout:
+    """Log a command killed at its deadline; the exception to raise for it."""
+    get_logger("command").error("command.timeout", argv=list(argv), timeout_s=timeout_s,
+                                stdout=out[-OUTPUT_LOG_LIMIT:], stderr=err[-OUTPUT_LOG_LIMIT:])
+    return CommandTimeout(f"{' '.join(argv)} did not finish within {timeout_s:g}s")
+
+
+class Commands:
+    """How a node's tools are run (`modinfo`, `modprobe`, `openibd`, `mount`...): the seam every
+    command of the daemon goes through. This one, a real node's, runs them as subprocesses with
+    `env` (whose PATH decides which tools they are); a test node may run stand-ins in-process."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env: Mapping[str, str] = dict(env)
+
+    def run(self, argv: Sequence[str], *, timeout_s: float,
+            what: str | None = None) -> CommandResult:
+        """Run `argv` under `timeout_s`; CommandTimeout when it overran (killed), OSError when it
+        could not be started. Logged as `command.finished` / `command.timeout`."""
+        return run_command(argv, timeout_s=timeout_s, env=self.env, what=what)

@@ -180,6 +180,31 @@ class InstanceLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
 
+    def held(self, proc_locks: Path = Path("/proc/locks")) -> bool | None:
+        """Whether some process holds the lock now, read without touching it (a probe must never
+        take the lock a starting daemon wants): an flock on this file's inode in `/proc/locks` of
+        the kernel we run on (which is the kernel holding the flock, under any --root). None when
+        that cannot be read."""
+        try:
+            st = self.path.stat()
+            text = proc_locks.read_text()
+        except FileNotFoundError:
+            return False if not self.path.exists() else None
+        except OSError:
+            return None
+        want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        for line in text.splitlines():
+            parts = line.split()
+            if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+                continue  # a waiter ("->"), or a POSIX/OFD lock
+            try:
+                major, minor, inode = parts[5].split(":")
+                if (int(major, 16), int(minor, 16), int(inode)) == want:
+                    return True
+            except ValueError:
+                continue
+        return False
+
     def holder_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
             return int(self.path.read_text().split()[0])

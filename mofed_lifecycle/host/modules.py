@@ -1,21 +1,21 @@
 """Kernel modules on the node: the holder graph, srcversions, and modprobe. A thin adapter.
 
 Reads go through `NodePaths` (`/proc/modules`, `/sys/module/<m>/...` under the root); the tools
-(`modinfo`, `modprobe`) run through `run_command` with the caller's environment, so PATH decides
-whose tools they are (the node's, or a simulated node's stand-ins). The decisions built on these
+(`modinfo`, `modprobe`) run through the node's `Commands` (on a real node: subprocesses, and PATH
+decides whose tools they are). The decisions built on these
 readings live in `lifecycle/decide.py` and `lifecycle/preflight.py`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..lifecycle.preflight import ModuleFacts
 from ..log import get_logger
-from .commands import CommandResult, run_command
+from .commands import CommandResult, Commands
 from .paths import NodePaths
 
 MODINFO_WORKERS = 4  # modinfo runs at once when the whole stack is compared
@@ -83,10 +83,10 @@ def loaded_srcversions(paths: NodePaths, modules: Iterable[str]) -> dict[str, st
     return out
 
 
-def _run(argv: list[str], env: Mapping[str, str], timeout_s: float, what: str) -> CommandResult:
-    """run_command, with failures to start or to finish turned into ModuleCommandError."""
+def _run(argv: list[str], commands: Commands, timeout_s: float, what: str) -> CommandResult:
+    """One command, with failures to start or to finish turned into ModuleCommandError."""
     try:
-        return run_command(argv, timeout_s=timeout_s, env=env, what=what)
+        return commands.run(argv, timeout_s=timeout_s, what=what)
     except TimeoutError:
         raise ModuleCommandError(
             f"{' '.join(argv)} did not finish within {timeout_s:g}s (killed): a module may be "
@@ -98,7 +98,7 @@ def _run(argv: list[str], env: Mapping[str, str], timeout_s: float, what: str) -
             f"{argv[0]} on PATH?", argv=argv) from None
 
 
-def installed_srcversions(modules: Iterable[str], env: Mapping[str, str],
+def installed_srcversions(modules: Iterable[str], commands: Commands,
                           timeout: float | Callable[[str], float]) -> dict[str, str | None]:
     """`modinfo -F srcversion <m>` per module (a few at once); None on empty output or a non-zero
     exit (not installed, or an unversioned build). `timeout`: seconds per call, or a function
@@ -109,7 +109,7 @@ def installed_srcversions(modules: Iterable[str], env: Mapping[str, str],
     def one(m: str) -> str | None:
         argv = ["modinfo", "-F", "srcversion", m]
         t = timeout(" ".join(argv)) if callable(timeout) else timeout
-        r = _run(argv, env, t, f"srcversion of {m}")
+        r = _run(argv, commands, t, f"srcversion of {m}")
         lines = r.stdout.strip().splitlines() if r.ok else []
         return lines[0].strip() if lines and lines[0].strip() else None
 
@@ -123,7 +123,7 @@ def _failed(argv: list[str], r: CommandResult, next_step: str) -> ModuleCommandE
                               argv=argv, returncode=r.returncode, stderr=r.stderr)
 
 
-def modprobe(names: Iterable[str], env: Mapping[str, str], timeout_s: float,
+def modprobe(names: Iterable[str], commands: Commands, timeout_s: float,
              dirname: Path | None = None) -> None:
     """`modprobe <m>` for each module in turn; the first failure raises ModuleCommandError.
     `dirname`: load from that root's module tree (`modprobe -d /host`: the host's modules)."""
@@ -131,12 +131,12 @@ def modprobe(names: Iterable[str], env: Mapping[str, str], timeout_s: float,
         argv = ["modprobe", *(["-d", str(dirname)] if dirname else []), m]
         step = (f"see `dmesg` for the kernel's reason; check `modinfo {m}` shows the installed "
                 "driver's module (same version as mlx5_core), then retry")
-        r = _run(argv, env, timeout_s, f"load {m}")
+        r = _run(argv, commands, timeout_s, f"load {m}")
         if not r.ok:
             raise _failed(argv, r, step)
 
 
-def modprobe_remove(names: Iterable[str], env: Mapping[str, str], timeout_s: float) -> None:
+def modprobe_remove(names: Iterable[str], commands: Commands, timeout_s: float) -> None:
     """`modprobe -r <m>` (`rmmod` for UNLOAD_ALONE) for each module, in the order given (holders
     first).
 
@@ -147,7 +147,7 @@ def modprobe_remove(names: Iterable[str], env: Mapping[str, str], timeout_s: flo
         argv = ["rmmod", m] if _canon(m) in UNLOAD_ALONE else ["modprobe", "-r", m]
         step = (f"something started using {m} after the preflight check: see `lsmod`, "
                 f"/sys/module/{_canon(m)}/holders and its open devices, stop that user, then retry")
-        r = _run(argv, env, timeout_s, f"unload {m}")
+        r = _run(argv, commands, timeout_s, f"unload {m}")
         if r.ok:
             continue
         if NOT_LOADED_MARK in r.stderr or RMMOD_NOT_LOADED_MARK in r.stderr:

@@ -15,7 +15,7 @@ def dry_run(node: Node, config: Config) -> tuple[bool, str]:
     modules = compared_modules(config)
     facts = read_module_facts(node.paths)
     decision = decide(loaded_srcversions(node.paths, modules),
-                      installed_srcversions(modules, node.env, ToolDeadline(config).timeout),
+                      installed_srcversions(modules, node.commands, ToolDeadline(config).timeout),
                       modules,
                       present=set(facts))
     lines = [f"decision: {decision.explain()}"]

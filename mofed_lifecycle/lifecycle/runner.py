@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
@@ -38,12 +39,23 @@ EXIT_OK, EXIT_FAILED = 0, 1
 CRASH_AT_ENV = "MOFED_LIFECYCLE_CRASH_AT"  # fault injection for tests: SIGKILL self on entering
 
 
+class Crashed(BaseException):
+    """The in-process stand-in for SIGKILL at CRASH_AT (a test driving `main()` in its own
+    process): the run stops where it is; nothing more is written, only the lock is let go (as
+    the kernel lets a dead process's lock go)."""
+
+
+def sigkill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Runner:
     """The lifecycle on one node: the loop over `machine.next_state`, each state's step from
     `steps.STEPS`, the journal, the lock and signals."""
 
-    def __init__(self, node: Node, config: Config, *, once: bool = False) -> None:
-        self.node, self.config, self.once = node, config, once
+    def __init__(self, node: Node, config: Config, *, once: bool = False,
+                 die: Callable[[], None] = sigkill_self) -> None:
+        self.node, self.config, self.once, self.die = node, config, once, die
         self.log = get_logger("lifecycle")
         self.pid = os.getpid()
         p = node.paths
@@ -120,11 +132,18 @@ class Runner:
                            next="free space on (or remount read-write) the lock file's mount; "
                                 "nothing on the node was touched")
             return EXIT_FAILED
+        crashed = False
         try:
             self.telemetry.start()  # the heartbeat beats while we hold the lock
             return self._run_locked()
+        except Crashed:
+            crashed = True
+            raise
         finally:
-            self.telemetry.close()
+            if crashed:
+                self.telemetry.halt()  # a killed process writes no last heartbeat
+            else:
+                self.telemetry.close()
             self.lock.release()
 
     def _startup_cleanup(self) -> None:
@@ -185,7 +204,7 @@ class Runner:
         self.transitions.enter(str(state), **detail)
         self.telemetry.entered(state)  # STATUS=; READY=1 on serve (marker set); STOPPING=1
         if self.crash_at == str(state):
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.die()
 
     exit_code = EXIT_OK
 
@@ -258,11 +277,15 @@ def install_signal_handlers(runner: Runner) -> StopSignals:
     return StopSignals(runner.request_stop).install()
 
 
-def run_lifecycle(node: Node, config: Config, *, once: bool) -> int:
-    runner = Runner(node, config, once=once)
-    install_signal_handlers(runner)
+def run_lifecycle(node: Node, config: Config, *, once: bool,
+                  die: Callable[[], None] = sigkill_self) -> int:
+    runner = Runner(node, config, once=once, die=die)
+    signals = install_signal_handlers(runner)
     started = time.monotonic()
-    code = runner.run()
+    try:
+        code = runner.run()
+    finally:
+        signals.uninstall()
     runner.log.info("exit", code=code, elapsed_s=round(time.monotonic() - started, 3))
     return code
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-from ..host.commands import CommandTimeout, run_command
+from ..host.commands import CommandTimeout
 from ..host.files import atomic_write_text
 from ..host.modules import (
     ModuleCommandError,
@@ -53,7 +53,7 @@ def step_inspect(r: Runner) -> Outcome:
     modules = compared_modules(r.config)
     r.facts = read_module_facts(r.node.paths)
     r.loaded = loaded_srcversions(r.node.paths, modules)
-    r.installed = installed_srcversions(modules, r.node.env, ToolDeadline(r.config).timeout)
+    r.installed = installed_srcversions(modules, r.node.commands, ToolDeadline(r.config).timeout)
     if not any(r.installed.get(m) for m in CORE):
         raise StepFailed("modinfo finds none of the installed driver's modules "
                          f"({', '.join(CORE)}): is the driver installed in this container "
@@ -150,7 +150,7 @@ def step_unload_aux(r: Runner) -> Outcome:
             timeout = deadline.timeout(f"modprobe -r {name}")
         except BudgetSpent as e:
             raise StepFailed(f"{e}; {name} and the holders after it stay loaded") from None
-        modprobe_remove([name], r.node.env, timeout)
+        modprobe_remove([name], r.node.commands, timeout)
     return Outcome.OK
 
 def step_reload(r: Runner) -> Outcome:
@@ -165,8 +165,9 @@ def step_reload(r: Runner) -> Outcome:
                 n = attempt.retry_state.attempt_number
                 r.log.info("openibd.restart", attempt=n, of=attempts,
                               timeout_s=r.config.openibd_timeout_s)
-                res = run_command([openibd, "restart"], timeout_s=r.config.openibd_timeout_s,
-                                env=r.node.env, what="reload the NIC driver")
+                res = r.node.commands.run([openibd, "restart"],
+                                          timeout_s=r.config.openibd_timeout_s,
+                                          what="reload the NIC driver")
                 if not res.ok:
                     raise OpenibdFailed(f"openibd restart exited {res.returncode}: "
                                         f"{(res.stderr or res.stdout).strip()[-300:]}")
@@ -221,14 +222,14 @@ def load_back(r: Runner, name: str, deadline: ToolDeadline) -> None:
     loaded now (a swap that failed before openibd unloaded the old stack), from the host's
     tree (`modprobe -d /host`), where the modules that were loaded before came from."""
     try:
-        modprobe([name], r.node.env, deadline.timeout(f"modprobe {name}"))
+        modprobe([name], r.node.commands, deadline.timeout(f"modprobe {name}"))
         return
     except ModuleCommandError as e:
         host = r.node.paths.resolve("/host")
         # a modprobe that hung (killed: no exit code) is not a build that does not fit
         if e.returncode is None or not (host / "lib" / "modules").is_dir():
             raise
-    modprobe([name], r.node.env, deadline.timeout(f"modprobe -d {host} {name}"),
+    modprobe([name], r.node.commands, deadline.timeout(f"modprobe -d {host} {name}"),
              dirname=host)
     r.log.info("module.loaded_from_host", module=name, tree=str(host),
                   why="the installed driver's build does not fit the stack loaded now")
@@ -254,9 +255,9 @@ def step_mount_headers(r: Runner) -> Outcome:
     target.mkdir(parents=True, exist_ok=True)
     if target.is_mount():
         return Outcome.OK
-    res = run_command(["mount", "--rbind", "/usr/src", str(target)], env=r.node.env,
-                    timeout_s=r.config.tool_timeout_s,
-                    what="share the kernel headers with the GPU side")
+    res = r.node.commands.run(["mount", "--rbind", "/usr/src", str(target)],
+                              timeout_s=r.config.tool_timeout_s,
+                              what="share the kernel headers with the GPU side")
     if not res.ok:  # the NIC driver is ready regardless; the GPU side needs them to build peermem
         r.log.error("headers.mount_failed", target=str(target), stderr=res.stderr.strip(),
                        next="nvidia-peermem cannot be built on this node until /usr/src is "
@@ -305,9 +306,9 @@ def restore_inbox_driver(r: Runner) -> None:
                        next="the vendor driver stays loaded; the VFs could not be saved")
         return
     try:
-        res = run_command(["mlnxofedctl", "--alt-mods", "force-restart"],
-                        timeout_s=r.config.openibd_timeout_s, env=r.node.env,
-                        what="restore the inbox driver")
+        res = r.node.commands.run(["mlnxofedctl", "--alt-mods", "force-restart"],
+                                  timeout_s=r.config.openibd_timeout_s,
+                                  what="restore the inbox driver")
     except (OSError, CommandTimeout) as e:
         r.log.error("inbox_restore.failed", error=str(e))
         res = None

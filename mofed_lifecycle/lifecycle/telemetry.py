@@ -68,6 +68,10 @@ class Telemetry:
     def close(self) -> None:
         self.heartbeat.stop()
 
+    def halt(self) -> None:
+        """Stop the heartbeat without a last beat (the in-process stand-in for a killed run)."""
+        self.heartbeat.halt()
+
     def entered(self, state: State) -> None:
         facts = self.journal.facts
         text = status_text(state, facts, self.config)

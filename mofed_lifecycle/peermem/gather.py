@@ -1,7 +1,7 @@
 """The peermem loader's reads of the node: marker, blacklist, modules, kallsyms, the .ko. Read-only.
 
 Files are read through `NodePaths` (so `--root` works); `modinfo` and `modprobe --dump-modversions`
-run through `run_command` with a timeout. The decisions on what is read live in `checks.py`.
+run through the node's `Commands` with a timeout. The decisions on what is read live in `checks.py`.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..host.commands import run_command
+from ..host.commands import Commands
 from ..host.modules import loaded_srcversions
 from ..host.paths import NodePaths
 from .checks import (
@@ -125,8 +124,8 @@ def _modinfo_fields(text: str) -> dict[str, str]:
 class KoReader:
     """nvidia-peermem.ko's modinfo and modversions, re-read only when the file changed."""
 
-    def __init__(self, paths: NodePaths, env: Mapping[str, str]) -> None:
-        self.paths, self.env = paths, env
+    def __init__(self, paths: NodePaths, commands: Commands) -> None:
+        self.paths, self.commands = paths, commands
         self._cached: tuple[tuple[int, int, int], KoFacts] | None = None
         self.local_path: Path | None = None  # the .ko as a local file (to watch its directory)
 
@@ -142,8 +141,8 @@ class KoReader:
                 and self._stat(self.local_path) == self._cached[0]):
             return self._cached[1]
         try:
-            r = run_command(["modinfo", MODPROBE_NAME], timeout_s=TOOL_TIMEOUT_S, env=self.env,
-                            what="find nvidia-peermem.ko")
+            r = self.commands.run(["modinfo", MODPROBE_NAME], timeout_s=TOOL_TIMEOUT_S,
+                                  what="find nvidia-peermem.ko")
         except OSError as e:  # not started, or timed out (CommandTimeout is an OSError too)
             return KoFacts(None, error=f"modinfo: {e}")
         if not r.ok:
@@ -155,9 +154,9 @@ class KoReader:
         local = self.paths.resolve(filename) if filename.startswith("/") else Path(filename)
         key = self._stat(local)
         try:
-            d = run_command(["modprobe", "--dump-modversions", filename],
-                            timeout_s=TOOL_TIMEOUT_S, env=self.env,
-                            what="modversions of nvidia-peermem.ko")
+            d = self.commands.run(["modprobe", "--dump-modversions", filename],
+                                  timeout_s=TOOL_TIMEOUT_S,
+                                  what="modversions of nvidia-peermem.ko")
         except OSError as e:
             return KoFacts(filename, info.get("vermagic"), None, f"modprobe: {e}")
         facts = KoFacts(filename, info.get("vermagic"),

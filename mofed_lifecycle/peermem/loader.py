@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import Config
-from ..host.commands import CommandTimeout, run_command
+from ..host.commands import CommandTimeout
 from ..host.node import Tools
 from ..log import get_logger
 from ..metrics import PeermemMetrics, peermem_textfile
@@ -63,7 +63,7 @@ class PeermemLoader:
         if wait_gpu:
             files.append(p.resolve(config.gpu_driver_ready_path))
         self.watcher = FileWatcher(files)
-        self.ko = gather.KoReader(p, node.env)
+        self.ko = gather.KoReader(p, node.commands)
         self.stop = threading.Event()
         self.presence = LoaderPresence(presence_path(p, config))
         metrics = (peermem_textfile(p.resolve(config.metrics_textfile))
@@ -213,7 +213,7 @@ class PeermemLoader:
         argv = ["modprobe", MODPROBE_NAME, *self.config.peermem_module_params]
         timeout = self.config.peermem_modprobe_timeout_s
         try:
-            r = run_command(argv, timeout_s=timeout, env=self.node.env, what="load nvidia-peermem")
+            r = self.node.commands.run(argv, timeout_s=timeout, what="load nvidia-peermem")
             failure = None if r.ok else classify_failure(r.returncode, r.stderr)
         except CommandTimeout:
             failure = classify_failure(None, "", timed_out=True, timeout_s=timeout)
@@ -251,8 +251,8 @@ class PeermemLoader:
         # rmmod, not `modprobe -r`: that would also try to remove what it used (nvidia, ib_core...)
         argv = ["rmmod", MODULE]
         try:
-            r = run_command(argv, timeout_s=self.config.peermem_modprobe_timeout_s,
-                            env=self.node.env, what="unload nvidia_peermem")
+            r = self.node.commands.run(argv, timeout_s=self.config.peermem_modprobe_timeout_s,
+                                           what="unload nvidia_peermem")
             ok, err = r.ok, " ".join(r.stderr.split())
         except OSError as e:
             ok, err = False, str(e)
@@ -276,8 +276,11 @@ def install_signal_handlers(loader: PeermemLoader) -> StopSignals:
 def run_loader(node: Tools, config: Config, *, once: bool, timeout_s: float | None,
                wait_gpu: bool) -> int:
     loader = PeermemLoader(node, config, once=once, timeout_s=timeout_s, wait_gpu=wait_gpu)
-    install_signal_handlers(loader)
-    return loader.run()
+    signals = install_signal_handlers(loader)
+    try:
+        return loader.run()
+    finally:
+        signals.uninstall()
 
 
 __all__ = ["GaveUp", "PeermemLoader", "Tools", "run_loader"]

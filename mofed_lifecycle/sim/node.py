@@ -24,7 +24,8 @@ class NodeExists(RuntimeError):
     pass
 
 
-def _tool_script(tool: str, root: Path) -> str:
+def tool_script(tool: str, root: Path) -> str:
+    """The stand-in executable `sim init` writes for `tool` of the node at `root`."""
     return (
         f"#!{sys.executable}\n"
         f"# Simulated `{tool}` of the node at {root} (written by `mofed-lifecycle sim init`).\n"
@@ -37,7 +38,7 @@ def _tool_script(tool: str, root: Path) -> str:
 
 def _install_tool(path: Path, tool: str, root: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_tool_script(tool, root))
+    path.write_text(tool_script(tool, root))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 

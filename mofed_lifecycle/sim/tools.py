@@ -3,18 +3,56 @@
 `sim init` writes one small executable per tool into `<root>/.sim/bin` (and `<root>/etc/init.d/
 openibd`); the daemon runs them as ordinary subprocesses. They print what the real tools print and
 exit with their codes; the kernel they act on is the node's kernel process. Standard library only.
+
+`sim/inprocess.py` runs the same functions in the caller's process (a thread per call): what they
+print goes to that call's own streams (`Streams`), and a call killed at its deadline stops at its
+next wait (`pause`) without another request to the kernel, as a killed process would.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 from .client import KernelClient, SimKernelError
 from .peermem_ko import read_modversions
 
 TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount")
+
+
+class Killed(BaseException):
+    """The in-process call was killed at its deadline (a subprocess would have got SIGKILL)."""
+
+
+class Streams(threading.local):
+    """The current call's output and kill switch: a subprocess's stdout/stderr by default."""
+
+    out: TextIO | None = None
+    err: TextIO | None = None
+    killed: threading.Event | None = None
+
+
+CALL = Streams()
+
+
+def out() -> TextIO:
+    return CALL.out or sys.stdout
+
+
+def err() -> TextIO:
+    return CALL.err or sys.stderr
+
+
+def pause(seconds: float) -> None:
+    """Wait as the real tool would (a module init, openibd's own duration); raises Killed as soon
+    as the in-process call is killed."""
+    if CALL.killed is None:
+        time.sleep(seconds)  # sleep-ok: the simulated tool's own duration, in its own process
+    elif CALL.killed.wait(seconds):
+        raise Killed
 
 
 def _kernel_release(root: Path) -> str:
@@ -59,23 +97,23 @@ def modinfo(root: Path, argv: list[str]) -> int:
         else:
             names.append(a)
     if not names:
-        print("modinfo: ERROR: missing module or filename.", file=sys.stderr)
+        print("modinfo: ERROR: missing module or filename.", file=err())
         return 1
     rc = 0
     for name in names:
         path = Path(root / name.lstrip("/")) if "/" in name else find_module_file(root, kver, name)
         if path is None or not path.is_file():
-            print(f"modinfo: ERROR: Module {name} not found.", file=sys.stderr)
+            print(f"modinfo: ERROR: Module {name} not found.", file=err())
             rc = 1
             continue
         info = read_ko(path)
         if field:
             if field in info:
-                print(info[field])
+                print(info[field], file=out())
             continue
         for key in ("filename", "version", "srcversion", "depends", "name", "vermagic"):
             if key in info:
-                print(f"{key + ':':<16}{info[key]}")
+                print(f"{key + ':':<16}{info[key]}", file=out())
     return rc
 
 
@@ -83,17 +121,17 @@ def dump_modversions(root: Path, argv: list[str]) -> int:
     """`modprobe --dump-modversions FILE`: the CRC of every symbol the module imports."""
     files = [a for a in argv if not a.startswith("-")]
     if not files:
-        print("modprobe: ERROR: missing filename.", file=sys.stderr)
+        print("modprobe: ERROR: missing filename.", file=err())
         return 1
     path = root / files[0].lstrip("/") if files[0].startswith("/") else Path(files[0])
     try:
         crcs = read_modversions(path)
     except OSError as e:
         print(f"modprobe: FATAL: could not get modversions of {files[0]}: {e.strerror}",
-              file=sys.stderr)
+              file=err())
         return 1
     for sym, crc in crcs.items():
-        print(f"0x{int(crc, 16):08x}\t{sym}")
+        print(f"0x{int(crc, 16):08x}\t{sym}", file=out())
     return 0
 
 
@@ -133,7 +171,7 @@ def modprobe(root: Path, argv: list[str]) -> int:
         else:
             names.append(a)
     if not names:
-        print("modprobe: ERROR: missing module name.", file=sys.stderr)
+        print("modprobe: ERROR: missing module name.", file=err())
         return 1
     if not (all_names or remove):
         names = names[:1]
@@ -145,16 +183,16 @@ def modprobe(root: Path, argv: list[str]) -> int:
                 k.call("modprobe_remove", names=names)
             elif hanging := k.call("load_hangs", names=names):
                 print(f"modprobe: {hanging[0]}: init blocks (scenario load_hangs)",
-                      file=sys.stderr, flush=True)
+                      file=err(), flush=True)
                 while True:  # until killed, as a module init that never returns
-                    time.sleep(3600)  # sleep-ok: stands in for a blocked init_module(2)
+                    pause(3600)  # stands in for a blocked init_module(2)
             else:
                 k.call("modprobe", names=names, blacklist=blacklist,
                        host_tree=_host_tree(root, dirname))
     except SimKernelError as e:
         if not quiet:
             level = "ERROR" if "insert" in (e.strerror or "") else "FATAL"
-            print(f"modprobe: {level}: {e.strerror}", file=sys.stderr)
+            print(f"modprobe: {level}: {e.strerror}", file=err())
         return 1
     return 0
 
@@ -167,7 +205,7 @@ def rmmod(root: Path, argv: list[str]) -> int:
             try:
                 k.call("rmmod", name=n)
             except SimKernelError as e:
-                print(f"rmmod: ERROR: {e.strerror}", file=sys.stderr)
+                print(f"rmmod: ERROR: {e.strerror}", file=err())
                 rc = 1
     return rc
 
@@ -175,9 +213,9 @@ def rmmod(root: Path, argv: list[str]) -> int:
 def lsmod(root: Path, argv: list[str]) -> int:
     with KernelClient(root) as k:
         rows = k.call("lsmod")
-    print(f"{'Module':<28}{'Size':>8}  Used by")
+    print(f"{'Module':<28}{'Size':>8}  Used by", file=out())
     for name, refcnt, holders in rows:
-        print(f"{name:<28}{65536:>8}  {refcnt} {','.join(holders)}".rstrip())
+        print(f"{name:<28}{65536:>8}  {refcnt} {','.join(holders)}".rstrip(), file=out())
     return 0
 
 
@@ -186,18 +224,18 @@ def _restart(root: Path, alt: bool, who: str) -> int:
         try:
             info = k.call("openibd_stop")
         except SimKernelError as e:
-            print(f"Unloading HCA driver:{'[FAILED]':>40}\n{e.strerror}", file=sys.stderr)
+            print(f"Unloading HCA driver:{'[FAILED]':>40}\n{e.strerror}", file=err())
             return 1
-        print(f"Unloading HCA driver:{'[  OK  ]':>40}", flush=True)
+        print(f"Unloading HCA driver:{'[  OK  ]':>40}", file=out(), flush=True)
         # The swap takes the scenario's openibd_restart_s; killed here, the node keeps no driver.
-        time.sleep(info["duration_s"])  # sleep-ok: the simulated openibd's own duration
+        pause(info["duration_s"])
         try:
             k.call("openibd_start", alt=alt)
         except SimKernelError as e:
             print(f"Loading HCA driver and Access Layer:{'[FAILED]':>25}\n{e.strerror}",
-                  file=sys.stderr)
+                  file=err())
             return 1
-    print(f"Loading HCA driver and Access Layer:{'[  OK  ]':>25}  ({who})")
+    print(f"Loading HCA driver and Access Layer:{'[  OK  ]':>25}  ({who})", file=out())
     return 0
 
 
@@ -208,16 +246,17 @@ def openibd(root: Path, argv: list[str]) -> int:
     if action == "status":
         with KernelClient(root) as k:
             loaded = {row[0] for row in k.call("lsmod")}
-        print("HCA driver loaded" if "mlx5_core" in loaded else "HCA driver is not loaded")
+        print("HCA driver loaded" if "mlx5_core" in loaded else "HCA driver is not loaded",
+              file=out())
         return 0 if "mlx5_core" in loaded else 3
-    print("Usage: openibd {restart|force-restart|status} (simulated)", file=sys.stderr)
+    print("Usage: openibd {restart|force-restart|status} (simulated)", file=err())
     return 2
 
 
 def mlnxofedctl(root: Path, argv: list[str]) -> int:
     if "--alt-mods" in argv and "force-restart" in argv:
         return _restart(root, alt=True, who="mlnxofedctl --alt-mods")
-    print("Usage: mlnxofedctl --alt-mods force-restart (simulated)", file=sys.stderr)
+    print("Usage: mlnxofedctl --alt-mods force-restart (simulated)", file=err())
     return 2
 
 
@@ -226,7 +265,7 @@ def mount(root: Path, argv: list[str]) -> int:
     `.sim/mounts` (one "SRC TARGET" line each), so that a run can be checked for it."""
     args = [a for a in argv if not a.startswith("-")]
     if "--rbind" not in argv or len(args) != 2:
-        print("mount: the simulated node only knows `mount --rbind SRC TARGET`", file=sys.stderr)
+        print("mount: the simulated node only knows `mount --rbind SRC TARGET`", file=err())
         return 1
     with (root / ".sim" / "mounts").open("a") as f:
         f.write(f"{args[0]} {args[1]}\n")
@@ -239,5 +278,5 @@ def main(tool: str, root: str, argv: list[str] | None = None) -> int:
     try:
         return fn(Path(root), sys.argv[1:] if argv is None else argv)
     except (OSError, TimeoutError) as e:
-        print(f"{tool}: simulated node {root}: {e}", file=sys.stderr)
+        print(f"{tool}: simulated node {root}: {e}", file=err())
         return 1
