@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mofed_lifecycle.config import load_config
+from mofed_lifecycle.host.commands import Commands
 from mofed_lifecycle.host.modules import (
     ModuleCommandError,
     installed_srcversions,
@@ -45,8 +46,9 @@ HOLDERS_FREE = (SCENARIOS / "tiny-ib-holders.toml").read_text().replace(
     '  { name = "xprtrdma", holds = ["rpcrdma"] } ]')
 
 
-def env_for(root: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{root}/.sim/bin:" + os.environ["PATH"]}
+def env_for(root: Path) -> Commands:
+    """The node's stand-in tools, run as real subprocesses (what the host adapter does)."""
+    return Commands({**os.environ, "PATH": f"{root}/.sim/bin:" + os.environ["PATH"]})
 
 
 def openibd_restart(root: Path) -> subprocess.CompletedProcess:
@@ -198,7 +200,7 @@ def test_modprobe_failure_carries_the_kernel_refusal(tiny):
 
 
 def test_missing_tools_are_a_clear_error_not_a_silent_none(tmp_path):
-    env = {**os.environ, "PATH": str(tmp_path)}  # no modinfo, no modprobe
+    env = Commands({**os.environ, "PATH": str(tmp_path)})  # no modinfo, no modprobe
     with pytest.raises(ModuleCommandError, match="could not be started.*on PATH"):
         installed_srcversions(["mlx5_core"], env, T)
     with pytest.raises(ModuleCommandError, match="modprobe"):

@@ -32,7 +32,7 @@ from .test_lifecycle import MARKER
 from .test_no_harm import vf_fields
 
 MIXED = SCENARIOS / "mixed-4pf.toml"
-TRIALS = 3  # per point here; scripts/bench_sigterm.py runs 10
+TRIALS = 1  # per point here; scripts/bench_sigterm.py runs 10
 POINTS = ["lock", "inspect", "decide", "preflight", "snapshot", "blacklist", "unload-aux",
           "openibd.restart", "reload", "reload-aux", "unblacklist", "restore", "mount-headers",
           "ready", "serve"]
