@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from mofed_lifecycle.sim.client import KernelClient, SimKernelError
-from mofed_lifecycle.sim.node import stop_kernel
+from mofed_lifecycle.sim.node import init_node, stop_kernel
 from mofed_lifecycle.sim.scenario_parse import load_scenario
 
 from .conftest import SCENARIOS
@@ -411,3 +411,25 @@ def test_a_kernel_process_whose_node_was_rebuilt_at_the_same_path_exits_and_leav
         assert k2.call("state")["pfs"][PF]["numvfs"] == 4
     finally:
         k2.close()
+
+
+def test_a_node_deeper_than_a_unix_socket_path_allows_still_gets_its_kernel(tmp_path):
+    """sun_path holds 108 bytes; pytest-xdist's or a TMPDIR's roots go deeper. The node works."""
+    root = tmp_path / ("d" * 60) / ("e" * 60) / "node"
+    assert len(str(root / ".sim/kernel.sock")) > 108
+    init_node(SCENARIOS / "tiny-eth.toml", root)
+    try:
+        with KernelClient(root) as k:
+            assert PF in k.call("state")["pfs"]
+        assert tool(root, "modprobe", "-r", "mlx5_ib").returncode == 0  # a tool connects too
+    finally:
+        stop_kernel(root)
+
+
+def test_a_kernel_that_cannot_start_says_why_at_once(tmp_path):
+    root = tmp_path / "node"
+    init_node(SCENARIOS / "tiny-eth.toml", root)
+    (root / ".sim/kernel.json").write_text("{not json")
+    # the process's exit and its log, not "did not start within 60s" a minute later
+    with pytest.raises(RuntimeError, match="exited 1 at start: .*JSONDecodeError"):
+        KernelClient(root)

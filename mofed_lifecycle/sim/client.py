@@ -33,6 +33,24 @@ def is_simulated(root: Path) -> bool:
     return (Path(root) / ".sim" / "scenario.toml").is_file()
 
 
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """An address for the Unix socket at `path` that fits sun_path however deep the node's root
+    is (a pytest or TMPDIR root easily passes 108 bytes): the path itself when it fits, else the
+    same file reached through an open descriptor of its directory (/proc/self/fd/N/NAME)."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 def clean_env() -> dict[str, str]:
     """The environment for the kernel process: no umockdev preload, the package importable."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "UMOCKDEV_DIR")}
@@ -52,6 +70,13 @@ def start_kernel(root: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _tail(log: Path, lines: int = 1) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").splitlines()[-lines:]) or "(no output)"
+    except OSError as e:
+        return f"(cannot read {log}: {e.strerror})"
+
+
 class KernelClient:
     """One connection to a node's kernel process; safe to share between threads."""
 
@@ -65,20 +90,25 @@ class KernelClient:
         self.rfile = self.sock.makefile("rb")
 
     def _connect(self, autostart: bool) -> socket.socket:
-        path = str(self.root / ".sim" / "kernel.sock")
+        path = self.root / ".sim" / "kernel.sock"
         deadline = time.monotonic() + START_TIMEOUT_S
         started: subprocess.Popen[bytes] | None = None
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.connect(path)
+                with socket_address(path) as address:
+                    s.connect(address)
                 return s
             except OSError:
                 s.close()
                 if not autostart:
                     raise
-                # (Re)start it; one that exits at once lost the lock to a predecessor still
-                # shutting down: try again once that one is gone.
+                # (Re)start it; one that exits at once with 0 lost the lock to a predecessor
+                # still shutting down: try again once that one is gone. One that failed says why.
+                if started is not None and started.poll():
+                    raise RuntimeError(
+                        f"the simulated kernel of {self.root} exited {started.returncode} at "
+                        f"start: {_tail(self.root / '.sim' / 'kernel.log')}")
                 if started is None or started.poll() is not None:
                     started = start_kernel(self.root)
                 if time.monotonic() > deadline:

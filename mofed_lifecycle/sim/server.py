@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .client import socket_address
 from .kernel import KernelError, SimKernel
 from .model import load_state, save_state
 from .node import NODE_ID
@@ -206,7 +207,8 @@ class KernelServer:
         sock.unlink(missing_ok=True)
         self.k.tree.render_all(self.k.st)  # repair anything a killed predecessor left half-done
         self.tick()
-        server = await asyncio.start_unix_server(self.handle, path=str(sock))
+        with socket_address(sock) as address:
+            server = await asyncio.start_unix_server(self.handle, path=address)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
