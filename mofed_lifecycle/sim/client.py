@@ -62,7 +62,8 @@ def start_kernel(root: Path) -> subprocess.Popen[bytes]:
     simdir = root / ".sim"
     log = open(simdir / "kernel.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(  # noqa: S603 - fixed argument list
-        [sys.executable, "-m", "mofed_lifecycle.sim.server", "--root", str(root)],
+        # -S: the standard library and this package (PYTHONPATH) only, no site start-up cost
+        [sys.executable, "-S", "-m", "mofed_lifecycle.sim.server", "--root", str(root)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         env=clean_env(), cwd=str(root),
     )
@@ -108,7 +109,7 @@ class KernelClient:
                 if started is not None and started.poll():
                     raise RuntimeError(
                         f"the simulated kernel of {self.root} exited {started.returncode} at "
-                        f"start: {_tail(self.root / '.sim' / 'kernel.log')}")
+                        f"start: {_tail(self.root / '.sim' / 'kernel.log')}") from None
                 if started is None or started.poll() is not None:
                     started = start_kernel(self.root)
                 if time.monotonic() > deadline:

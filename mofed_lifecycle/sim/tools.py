@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TextIO
 
 from .client import KernelClient, SimKernelError
-from .peermem_ko import read_modversions
 
 TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount")
 
@@ -123,6 +122,8 @@ def dump_modversions(root: Path, argv: list[str]) -> int:
     if not files:
         print("modprobe: ERROR: missing filename.", file=err())
         return 1
+    from .peermem_ko import read_modversions  # the scenario model: only this tool needs it
+
     path = root / files[0].lstrip("/") if files[0].startswith("/") else Path(files[0])
     try:
         crcs = read_modversions(path)
