@@ -25,6 +25,7 @@ import mofed_lifecycle.sim
 from mofed_lifecycle.sim.node import stop_kernel
 
 from .conftest import SHARED_BESIDE, SHARED_COPY, SHARED_SCENARIOS, shared_scenarios
+from .inprocess import run_cli
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLES = Path(mofed_lifecycle.sim.__file__).resolve().parent / "examples"
@@ -75,14 +76,15 @@ def ok(r: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Callable[[str | Path], tuple[Path, dict[str, Any]]]]:
-    """node(scenario) -> (root, ground truth) by `sim init` + `sim state`; kernels stopped after."""
+    """node(scenario) -> (root, ground truth) by `sim init` + `sim state` (the command line, run
+    in this process: test_cli covers the executable); kernels stopped after."""
     roots: list[Path] = []
 
     def make(scenario: str | Path) -> tuple[Path, dict[str, Any]]:
         root = tmp_path / f"node{len(roots)}"
         roots.append(root)
-        ok(cli("sim", "init", str(scenario), "--root", str(root)))
-        out = ok(cli("sim", "state", "--root", str(root))).stdout
+        ok(run_cli(["sim", "init", str(scenario), "--root", str(root)]))
+        out = ok(run_cli(["sim", "state", "--root", str(root)])).stdout
         try:
             return root, json.loads(out)
         except json.JSONDecodeError as e:
