@@ -71,9 +71,9 @@ def start_kernel(root: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _tail(log: Path, lines: int = 1) -> str:
+def _last_line(log: Path) -> str:
     try:
-        return " | ".join(log.read_text(errors="replace").splitlines()[-lines:]) or "(no output)"
+        return (log.read_text(errors="replace").splitlines() or ["(no output)"])[-1]
     except OSError as e:
         return f"(cannot read {log}: {e.strerror})"
 
@@ -109,7 +109,7 @@ class KernelClient:
                 if started is not None and started.poll():
                     raise RuntimeError(
                         f"the simulated kernel of {self.root} exited {started.returncode} at "
-                        f"start: {_tail(self.root / '.sim' / 'kernel.log')}") from None
+                        f"start: {_last_line(self.root / '.sim' / 'kernel.log')}") from None
                 if started is None or started.poll() is not None:
                     started = start_kernel(self.root)
                 if time.monotonic() > deadline:
