@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mofed_lifecycle.sim.client import KernelClient
+from mofed_lifecycle.sim.kernel_thread import ThreadKernel
 from mofed_lifecycle.sim.node import init_node, stop_kernel
 
 os.environ.setdefault("MOFED_SIM_IDLE_EXIT_S", "60")  # no kernel process outlives a test run long
@@ -29,10 +30,8 @@ def shared_scenarios() -> list[Path]:
 NodeFactory = Callable[..., tuple[Path, KernelClient]]
 
 
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
-    """make_node(scenario_path_or_toml_text) -> (root, client) for a fresh simulated node."""
-    made: list[tuple[Path, KernelClient]] = []
+def node_factory(tmp_path: Path, *, in_thread: bool) -> Iterator[NodeFactory]:
+    made: list[tuple[Path, KernelClient, ThreadKernel | None]] = []
 
     def make(scenario: str | Path, name: str = "node") -> tuple[Path, KernelClient]:
         path = Path(scenario) if isinstance(scenario, Path) else None
@@ -41,14 +40,26 @@ def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
             path.write_text(str(scenario))
         root = tmp_path / name
         init_node(path, root)
+        kernel = ThreadKernel(root) if in_thread else None
         client = KernelClient(root)
-        made.append((root, client))
+        made.append((root, client, kernel))
         return root, client
 
     yield make
-    for root, client in made:
+    for root, client, kernel in made:
         client.close()
-        stop_kernel(root)
+        if kernel is not None:
+            kernel.stop()
+        else:
+            stop_kernel(root)
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[NodeFactory]:
+    """make_node(scenario_path_or_toml_text) -> (root, client) for a fresh simulated node, its
+    kernel served from a thread of the test process (`sim.kernel_thread`; test_sim_kernel tests
+    the kernel process itself)."""
+    yield from node_factory(tmp_path, in_thread=True)
 
 
 @pytest.fixture

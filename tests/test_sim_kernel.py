@@ -23,7 +23,13 @@ from mofed_lifecycle.sim.client import KernelClient, SimKernelError
 from mofed_lifecycle.sim.node import init_node, stop_kernel
 from mofed_lifecycle.sim.scenario_parse import load_scenario
 
-from .conftest import SCENARIOS
+from .conftest import SCENARIOS, node_factory
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    """The kernel as its own process here: these tests signal it, wait for it, restart it."""
+    yield from node_factory(tmp_path, in_thread=False)
 
 PF = "0000:08:00.0"
 PF_DEV = "enp8s0f0np0"

@@ -202,7 +202,10 @@ class KernelServer:
             elif not self.clients and time.monotonic() - self.last_activity > self.idle_exit_s:
                 self.stop.set()
 
-    async def serve(self) -> None:
+    async def serve(self, *, listening: Callable[[], None] | None = None,
+                    signals: bool = True) -> None:
+        """Serve until stopped; `listening` is called once the socket accepts connections;
+        `signals=False` off the main thread (`kernel_thread`), which stops it by `stop`."""
         sock = self.simdir / "kernel.sock"
         sock.unlink(missing_ok=True)
         self.k.tree.render_all(self.k.st)  # repair anything a killed predecessor left half-done
@@ -210,8 +213,10 @@ class KernelServer:
         with socket_address(sock) as address:
             server = await asyncio.start_unix_server(self.handle, path=address)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if signals else ():
             loop.add_signal_handler(sig, self.stop.set)
+        if listening:
+            listening()
         watcher = asyncio.create_task(self.idle_watch())
         async with server:
             await self.stop.wait()
