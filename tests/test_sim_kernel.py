@@ -439,3 +439,28 @@ def test_a_kernel_that_cannot_start_says_why_at_once(tmp_path):
     # the process's exit and its log, not "did not start within 60s" a minute later
     with pytest.raises(RuntimeError, match="exited 1 at start: .*JSONDecodeError"):
         KernelClient(root)
+
+
+def test_a_kernel_served_from_a_thread_is_the_same_node_and_never_signals_its_host(tmp_path):
+    """The suite's nodes run their kernel in a thread of pytest (sim.kernel_thread): clients see
+    the same node, `sim stop` finds no PID to signal, and what it changed outlives it."""
+    from mofed_lifecycle.sim.kernel_thread import ThreadKernel
+
+    root = tmp_path / "node"
+    init_node(SCENARIOS / "tiny-eth.toml", root)
+    kernel = ThreadKernel(root)
+    try:
+        with KernelClient(root) as k:
+            assert k.call("ping")["pid"] == os.getpid()
+            k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")
+        assert not stop_kernel(root)  # no PID in the lock: this process is never signalled
+        r = tool(root, "modprobe", "-r", "mlx5_ib")  # a subprocess reaches the same kernel
+        assert r.returncode == 0, r.stderr
+    finally:
+        kernel.stop()
+    with KernelClient(root) as k:  # a kernel process now serves what the thread left
+        state = k.call("state")
+        assert k.call("ping")["pid"] != os.getpid()
+    stop_kernel(root)
+    assert "mlx5_ib" not in state["modules"]
+    assert state["pfs"][PF]["vfs"] == {}

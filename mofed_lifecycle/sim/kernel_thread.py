@@ -34,7 +34,12 @@ class ThreadKernel:
         self.lock.truncate(0)
         self.lock.write(NO_PID)
         self.lock.flush()
-        self.server = KernelServer(self.root, idle_exit_s=math.inf)
+        try:
+            self.server = KernelServer(self.root, idle_exit_s=math.inf)
+        except BaseException:  # a scenario or state it cannot read: the node as it was
+            self.lock.truncate(0)
+            self.lock.close()
+            raise
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listening = threading.Event()
         self.failed: BaseException | None = None
