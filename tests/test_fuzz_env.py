@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mofed_lifecycle.cli import main
+from mofed_lifecycle.cli import Seams, main
 from mofed_lifecycle.config import SPECS
 from mofed_lifecycle.sim.node import init_node, stop_kernel
 
@@ -69,7 +69,8 @@ def test_any_environment_is_refused_in_one_line_or_accepted_by_the_dry_run(node,
     out, err = io.StringIO(), io.StringIO()
     with mock.patch.dict(os.environ, clean_env(env), clear=True), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["--log-format", "json", "run", "--dry-run", "--root", str(node)])
+        code = main(["--log-format", "json", "run", "--dry-run", "--root", str(node)],
+                    Seams(in_process=True))  # the node's tools as calls: no process per modinfo
     stderr = err.getvalue()
     assert "Traceback" not in stderr
     if code == 2:
