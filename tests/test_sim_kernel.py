@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from mofed_lifecycle.sim.client import KernelClient, SimKernelError
+from mofed_lifecycle.sim.kernel_thread import ThreadKernel
 from mofed_lifecycle.sim.node import init_node, stop_kernel
 from mofed_lifecycle.sim.scenario_parse import load_scenario
 
@@ -444,8 +445,6 @@ def test_a_kernel_that_cannot_start_says_why_at_once(tmp_path):
 def test_a_kernel_served_from_a_thread_is_the_same_node_and_never_signals_its_host(tmp_path):
     """The suite's nodes run their kernel in a thread of pytest (sim.kernel_thread): clients see
     the same node, `sim stop` finds no PID to signal, and what it changed outlives it."""
-    from mofed_lifecycle.sim.kernel_thread import ThreadKernel
-
     root = tmp_path / "node"
     init_node(SCENARIOS / "tiny-eth.toml", root)
     kernel = ThreadKernel(root)

@@ -10,12 +10,11 @@ the caller itself. Stop it with `ThreadKernel.stop`.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import math
 import threading
 from pathlib import Path
 
-from .server import KernelServer
+from .server import KernelServer, hold_kernel_lock
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -25,20 +24,14 @@ NO_PID = "in-thread\n"  # what kernel.lock says while a thread serves the node
 class ThreadKernel:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.lock = open(self.root / ".sim" / "kernel.lock", "a+")  # noqa: SIM115 - held till stop
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock.close()
-            raise RuntimeError(f"{self.root}: a kernel process already serves this node") from None
-        self.lock.truncate(0)
-        self.lock.write(NO_PID)
-        self.lock.flush()
+        lock = hold_kernel_lock(self.root, NO_PID)
+        if lock is None:
+            raise RuntimeError(f"{self.root}: a kernel process already serves this node")
+        self.lock = lock
         try:
             self.server = KernelServer(self.root, idle_exit_s=math.inf)
         except BaseException:  # a scenario or state it cannot read: the node as it was
-            self.lock.truncate(0)
-            self.lock.close()
+            self._release()
             raise
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listening = threading.Event()
@@ -67,6 +60,9 @@ class ThreadKernel:
         if self.loop is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.server.stop.set)
         self.thread.join(STOP_TIMEOUT_S)
+        self._release()
+
+    def _release(self) -> None:
         if not self.lock.closed:
             self.lock.truncate(0)
             self.lock.close()  # releases the flock

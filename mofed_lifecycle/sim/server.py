@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .client import socket_address
 from .kernel import KernelError, SimKernel
@@ -228,6 +228,22 @@ class KernelServer:
         self.persist()
 
 
+def hold_kernel_lock(root: Path, owner: str) -> TextIO | None:
+    """The node's kernel lock, taken and saying `owner` (what `stop_kernel` reads), or None when
+    another kernel already serves the node."""
+    # "a+", not "w": a start that loses the race must not erase the winner's PID
+    lock = open(root / ".sim" / "kernel.lock", "a+")  # noqa: SIM115 - the caller holds it
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    lock.truncate(0)
+    lock.write(owner)
+    lock.flush()
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mofed-lifecycle-simkernel",
                                  description="The kernel process of a simulated node (internal).")
@@ -236,15 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                     default=float(os.environ.get("MOFED_SIM_IDLE_EXIT_S", "600")))
     a = ap.parse_args(argv)
     root = a.root.resolve()
-    # "a+", not "w": a start that loses the race must not erase the winner's PID
-    lock = open(root / ".sim" / "kernel.lock", "a+")  # noqa: SIM115 - held for the process's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = hold_kernel_lock(root, f"{os.getpid()}\n")  # held for the process's life
+    if lock is None:
         return 0  # another kernel process already serves this node
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
     asyncio.run(KernelServer(root, a.idle_exit).serve())
     return 0
 
