@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .client import KernelClient, SimKernelError
+from .client import KernelClient
+from .errors import SimKernelError
 from .scenario import NAME_RE
 from .scenario_host import FW_MAX_VFS
 

@@ -17,12 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import SimKernelError
+
 START_TIMEOUT_S = 60.0  # a node with a thousand VFs re-renders its tree at start
 PKG_PARENT = str(Path(__file__).resolve().parents[2])
-
-
-class SimKernelError(OSError):
-    """The simulated kernel refused a request; errno and message as a real kernel would give."""
 
 
 class NotASimulatedNode(RuntimeError):

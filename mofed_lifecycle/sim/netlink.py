@@ -14,7 +14,8 @@ from ..host.netlink_types import (
     VfSettings,
     vf_infos,
 )
-from .client import KernelClient, PerThreadClient, SimKernelError
+from .client import KernelClient, PerThreadClient
+from .errors import SimKernelError
 
 
 def _info(d: dict[str, object]) -> LinkInfo:

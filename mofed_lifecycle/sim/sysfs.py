@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .client import KernelClient, PerThreadClient, SimKernelError
+from .client import KernelClient, PerThreadClient
+from .errors import SimKernelError
 
 
 class SimSysfs:

@@ -15,9 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from .client import KernelClient, SimKernelError
+from . import tool_modinfo
+from .errors import SimKernelError
+
+if TYPE_CHECKING:
+    from .client import KernelClient
 
 TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount")
 
@@ -54,66 +58,16 @@ def pause(seconds: float) -> None:
         raise Killed
 
 
-def _kernel_release(root: Path) -> str:
-    return (root / "proc/sys/kernel/osrelease").read_text().strip()
+def kernel(root: Path) -> KernelClient:
+    """The node's kernel, imported on first use: `modinfo` reads module files only, and a
+    stand-in's start-up is most of its cost (a run calls modinfo once per module)."""
+    from .client import KernelClient
 
-
-def _canon(name: str) -> str:
-    return name.replace("-", "_")
-
-
-def find_module_file(root: Path, kver: str, name: str) -> Path | None:
-    """Where modprobe would find module `name`: updates/ before the kernel's own tree."""
-    base = root / "lib/modules" / kver
-    for sub in ("updates", "kernel"):
-        f = base / sub / f"{_canon(name)}.ko"
-        if f.is_file():
-            return f
-    return None
-
-
-def read_ko(path: Path) -> dict[str, str]:
-    fields = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            fields[k] = v
-    return fields
+    return KernelClient(root)
 
 
 def modinfo(root: Path, argv: list[str]) -> int:
-    field, kver, names = None, _kernel_release(root), []
-    it = iter(argv)
-    for a in it:
-        if a in ("-F", "--field"):
-            field = next(it, None)
-        elif a.startswith("--field="):
-            field = a.split("=", 1)[1]
-        elif a in ("-k", "--set-version"):
-            kver = next(it, kver)
-        elif a.startswith("-"):
-            continue
-        else:
-            names.append(a)
-    if not names:
-        print("modinfo: ERROR: missing module or filename.", file=err())
-        return 1
-    rc = 0
-    for name in names:
-        path = Path(root / name.lstrip("/")) if "/" in name else find_module_file(root, kver, name)
-        if path is None or not path.is_file():
-            print(f"modinfo: ERROR: Module {name} not found.", file=err())
-            rc = 1
-            continue
-        info = read_ko(path)
-        if field:
-            if field in info:
-                print(info[field], file=out())
-            continue
-        for key in ("filename", "version", "srcversion", "depends", "name", "vermagic"):
-            if key in info:
-                print(f"{key + ':':<16}{info[key]}", file=out())
-    return rc
+    return tool_modinfo.modinfo(str(root), argv, out(), err())
 
 
 def dump_modversions(root: Path, argv: list[str]) -> int:
@@ -179,7 +133,7 @@ def modprobe(root: Path, argv: list[str]) -> int:
     if any(n.startswith("pci:") for n in names):
         names, blacklist = ["mlx5_core"], True  # an alias: what udev asks for on hot-plug
     try:
-        with KernelClient(root) as k:
+        with kernel(root) as k:
             if remove:
                 k.call("modprobe_remove", names=names)
             elif hanging := k.call("load_hangs", names=names):
@@ -201,7 +155,7 @@ def modprobe(root: Path, argv: list[str]) -> int:
 def rmmod(root: Path, argv: list[str]) -> int:
     names = [a for a in argv if not a.startswith("-")]
     rc = 0
-    with KernelClient(root) as k:
+    with kernel(root) as k:
         for n in names:
             try:
                 k.call("rmmod", name=n)
@@ -212,7 +166,7 @@ def rmmod(root: Path, argv: list[str]) -> int:
 
 
 def lsmod(root: Path, argv: list[str]) -> int:
-    with KernelClient(root) as k:
+    with kernel(root) as k:
         rows = k.call("lsmod")
     print(f"{'Module':<28}{'Size':>8}  Used by", file=out())
     for name, refcnt, holders in rows:
@@ -221,7 +175,7 @@ def lsmod(root: Path, argv: list[str]) -> int:
 
 
 def _restart(root: Path, alt: bool, who: str) -> int:
-    with KernelClient(root) as k:
+    with kernel(root) as k:
         try:
             info = k.call("openibd_stop")
         except SimKernelError as e:
@@ -245,7 +199,7 @@ def openibd(root: Path, argv: list[str]) -> int:
     if action in ("restart", "force-restart"):
         return _restart(root, alt=False, who="openibd")
     if action == "status":
-        with KernelClient(root) as k:
+        with kernel(root) as k:
             loaded = {row[0] for row in k.call("lsmod")}
         print("HCA driver loaded" if "mlx5_core" in loaded else "HCA driver is not loaded",
               file=out())
