@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -330,6 +331,34 @@ def test_stop_leaves_a_consistent_node_that_a_new_kernel_process_serves(tiny):
     k2 = KernelClient(root)
     assert k2.call("state") == before
     k2.close()
+
+
+def test_stop_returns_once_the_kernel_process_has_exited_so_the_node_can_be_deleted(tiny):
+    """`sim run` deletes its temporary node right after stop_kernel: a kernel still saving its
+    state then would put `.sim/kernel.json` back into the half-deleted tree."""
+    root, k = tiny
+    proc = kernel_process(k)
+    k.call("sysfs_write", path=f"sys/bus/pci/devices/{PF}/sriov_numvfs", value="0")  # dirty
+    k.close()
+    assert stop_kernel(root)
+    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    shutil.rmtree(root)
+    assert not root.exists()
+
+
+def test_stop_never_signals_a_process_that_is_not_the_nodes_kernel(tiny):
+    """A lock left by a kernel long gone names a PID another process may have by now."""
+    root, k = tiny
+    k.close()
+    assert stop_kernel(root)
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (root / ".sim/kernel.lock").write_text(f"{bystander.pid}\n")
+        assert stop_kernel(root) is False
+        assert bystander.poll() is None  # still running: not signalled
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=10)
 
 
 def test_a_refused_field_stops_the_vf_info_and_keeps_what_came_before(tiny):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import stat
@@ -18,6 +19,7 @@ from .tools import TOOLS
 from .tree import Tree
 
 NODE_ID = "node-id"
+STOP_WAIT_S = 10.0  # a kernel process saves its state and exits well within this
 
 
 class NodeExists(RuntimeError):
@@ -33,8 +35,10 @@ def tool_script(tool: str, root: Path) -> str:
         f"# Simulated `{tool}` of the node at {root} (written by `mofed-lifecycle sim init`).\n"
         "import sys\n"
         f"sys.path.insert(0, {PKG_PARENT!r})\n"
-        "from mofed_lifecycle.sim.tools import main\n"
-        f"sys.exit(main({tool!r}, {str(root)!r}))\n"
+        + ("from mofed_lifecycle.sim.tool_modinfo import main\n"
+           f"sys.exit(main({str(root)!r}))\n" if tool == "modinfo" else
+           "from mofed_lifecycle.sim.tools import main\n"
+           f"sys.exit(main({tool!r}, {str(root)!r}))\n")
     )
 
 
@@ -44,14 +48,36 @@ def _install_tool(path: Path, tool: str, root: Path) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-def stop_kernel(root: Path) -> bool:
-    """Stop the node's kernel process if one runs; True if one was stopped."""
-    lock = root / ".sim" / "kernel.lock"
+def _serves(pid: int, root: Path) -> bool:
+    """Whether process `pid` is the kernel process of the node at `root` (its command line)."""
     try:
-        pid = int(lock.read_text().split()[0])
-        os.kill(pid, signal.SIGTERM)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    if "mofed_lifecycle.sim.server" not in argv or "--root" not in argv[:-1]:
+        return False
+    return Path(argv[argv.index("--root") + 1]).resolve() == Path(root).resolve()
+
+
+def stop_kernel(root: Path, wait_s: float = STOP_WAIT_S) -> bool:
+    """Stop the node's kernel process if one runs, and wait (up to `wait_s`) until it has exited:
+    it saves its state as it stops, and a caller that deletes the node next must not race that
+    write (rmtree would leave a `.sim/kernel.json` behind). True if one was stopped."""
+    try:
+        pid = int((root / ".sim" / "kernel.lock").read_text().split()[0])  # not "in-thread"
+        exited = os.pidfd_open(pid)  # readable once the process has exited: no polling
     except (OSError, ValueError, IndexError):
         return False
+    if not _serves(pid, root):  # a kernel long gone, its PID another process's by now
+        os.close(exited)
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+        select.select([exited], [], [], wait_s)
+    except OSError:
+        return False
+    finally:
+        os.close(exited)
     return True
 
 
