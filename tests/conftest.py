@@ -14,6 +14,42 @@ from mofed_lifecycle.sim.node import init_node, stop_kernel
 
 os.environ.setdefault("MOFED_SIM_IDLE_EXIT_S", "60")  # no kernel process outlives a test run long
 
+# The suite writes ~90,000 small files and thousands of fsyncs (simulated sysfs trees, journals):
+# on this machine kind's virtual disk that left it stalled on I/O (a quarter of its time, and the
+# wall time varying from 50 to 75 s). Where the machine has a RAM file system, tmp_path lives there.
+RAM_TMP = Path("/dev/shm")
+RAM_TMP_MIN_FREE = 2 << 30
+ON_DISK = "MOFED_TEST_TMP_ON_DISK"  # set (to anything) to keep pytest's default temporary root
+
+
+def _ram_tmp() -> Path | None:
+    """/dev/shm if it is a writable tmpfs with room to spare, else None."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        st = os.statvfs(RAM_TMP)
+    except OSError:
+        return None
+    tmpfs = any(f[1:3] == [str(RAM_TMP), "tmpfs"] for f in map(str.split, mounts) if len(f) > 2)
+    roomy = st.f_bavail * st.f_frsize >= RAM_TMP_MIN_FREE
+    return RAM_TMP if tmpfs and roomy and os.access(RAM_TMP, os.W_OK) else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """tmp_path on a RAM file system unless told otherwise (--basetemp, PYTEST_DEBUG_TEMPROOT, or
+    MOFED_TEST_TMP_ON_DISK); pytest's numbered directories, locks and retention stay as they are.
+    xdist's workers get their base directory from the controller, which decides here."""
+    if config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or ON_DISK in os.environ:
+        return
+    ram = _ram_tmp()
+    if ram is not None:
+        os.environ["PYTEST_DEBUG_TEMPROOT"] = str(ram)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    where = os.environ.get("PYTEST_DEBUG_TEMPROOT")
+    return (f"tmp_path under {where} (a RAM file system; {ON_DISK}=1 for the disk)" if where
+            else "tmp_path under the default temporary directory")
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "scenarios"
 # The team's shared scenarios (../shared/scenarios beside the project); a clone without ../shared
