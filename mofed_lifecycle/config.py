@@ -249,6 +249,9 @@ SPECS: tuple[Spec, ...] = (
          "one deadline for the whole VF restore (PF netdevs back, every VF netdev ready)"),
     Spec("VF_RESTORE_WORKERS", "vf_restore_workers", parse_count, "8",
          "VFs whose netdev is finished (MTU, up/down) concurrently"),
+    Spec("VF_BIND_WORKERS", "vf_bind_workers", parse_count, "16",
+         "VF bind writes in flight at once; each lasts its VF's driver probe, so where the NIC "
+         "probes in parallel the VFs come back about as fast as the slowest probe"),
     Spec("READY_ON_PARTIAL_RESTORE", "ready_on_partial_restore", parse_bool, "true",
          "set the readiness marker when some VFs could not be restored (they are reported by PCI "
          "address in the log and status.json, and retried at the next start); false: stay not "
@@ -321,6 +324,7 @@ class Config:
     recheck_interval_s: float
     vf_restore_timeout_s: float
     vf_restore_workers: int
+    vf_bind_workers: int
     ready_on_partial_restore: bool
     heartbeat_interval_s: float
     metrics_textfile: str

@@ -101,7 +101,8 @@ def test_a_damaged_snapshot_or_journal_is_never_nothing_to_do(make_node):
     from .test_lifecycle import MARKER, events
 
     late = MATCHING.replace('loaded_version = "25.07-0.9.7"', 'loaded_version = "24.10-1.1.4"')
-    late = late.replace("netdev_delay_s = 0.3", "netdev_delay_s = 0.3\nlate_vfs = { 1 = 300.0 }")
+    late = late.replace("netdev_delay_s = 0.3", "netdev_delay_s = 0.3\nlate_vfs = { 1 = 300.0 }\n"
+                                                "probe_parallel = 8")
     root, k = make_node(late, "damaged")
     env = {"VF_RESTORE_TIMEOUT_SEC": "1", "READY_ON_PARTIAL_RESTORE": "false"}
     r = lifecycle(root, "--once", env=env)

@@ -62,6 +62,7 @@ openibd_restart_s = 20
 [udev]
 netdev_delay_s = 0.3
 late_vfs = { 2 = 3000.0 }
+probe_parallel = 16  # parallel probes: the late VF holds its own lane, not the others'
 [[pf]]
 pci = "0000:08:00.0"
 name = "enp8s0f0np0"

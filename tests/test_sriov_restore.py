@@ -57,6 +57,7 @@ openibd_restart_s = 20
 netdev_delay_s = [5.0, 30.0]
 rename_delay_s = [0.5, 5.0]
 late_vfs = { 1 = 250.0 }
+probe_parallel = 16  # parallel probes: the late VF holds its own lane, not the others'
 [[pf]]
 pci = "0000:3b:00.0"
 name = "enp59s0f0np0"

@@ -50,13 +50,13 @@ def restore_vfs(r: Runner, *, unwinding: bool) -> None:
         return
     r.log.info("restore.started", pfs=len(todo.pfs), vfs=todo.vf_count,
                   already_restored=len(done), deadline_s=r.config.vf_restore_timeout_s,
-                  workers=r.config.vf_restore_workers,
+                  workers=r.config.vf_restore_workers, bind_workers=r.config.vf_bind_workers,
                   stop_requested=r.stop.is_set(), after_failed_swap=unwinding)
     # part of the critical section: a stop waits for it (bounded by its deadline), so a stop
     # never leaves the node without its VFs
     result = restore(r.node, todo, deadline_s=r.config.vf_restore_timeout_s,
                      workers=r.config.vf_restore_workers, stop=threading.Event(),
-                     log=r.log)
+                     log=r.log, bind_workers=r.config.vf_bind_workers)
     summary = result.to_json()
     done |= set(result.restored)
     r.journal.set(restore=summary, restore_pending=bool(result.failed),

@@ -42,6 +42,9 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
         self.timeline = (root / ".sim" / "timeline.jsonl").open("a", buffering=1)
         self.dirty = False
         self.event_time: float | None = None  # due time of the event being applied, if any
+        # when the request being served may be answered: a bind (or an autoprobing numvfs) write
+        # returns only once its probes have ended (synchronous probes, contract version 2)
+        self.reply_at: float | None = None
 
     def _next_seqnum(self) -> int:
         self.st.uevent_seqnum += 1
@@ -56,6 +59,26 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
         base = self.event_time if self.event_time is not None else self.now()
         heapq.heappush(self.st.pending, [base + self.sc.scaled(delay_s), self.st.seq, event])
         self.dirty = True
+
+    def schedule_at(self, due: float, event: dict[str, Any]) -> None:
+        """Run `event` at wall time `due` (persisted)."""
+        self.st.seq += 1
+        heapq.heappush(self.st.pending, [due, self.st.seq, event])
+        self.dirty = True
+
+    def probe(self, probe_s: float, after: float | None = None) -> float:
+        """Reserve a probe lane for a driver probe of `probe_s` (unscaled) seconds: it starts when
+        one of the [udev] probe_parallel lanes is free (and not before `after`); returns when it
+        ends. The request that caused it is answered then (`reply_at`)."""
+        lanes, n = self.st.probe_lanes, self.sc.probe_parallel
+        if len(lanes) != n:
+            lanes[:] = (lanes + [0.0] * n)[:n]
+        base = self.event_time if self.event_time is not None else self.now()
+        i = min(range(n), key=lanes.__getitem__)
+        end = max(base, lanes[i], after or 0.0) + self.sc.scaled(probe_s)
+        lanes[i] = end
+        self.reply_at = max(self.reply_at or 0.0, end)
+        return end
 
     def next_due(self) -> float | None:
         return self.st.pending[0][0] if self.st.pending else None
@@ -164,7 +187,9 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
                           IFINDEX=str(ifindex), DEVPATH_OLD=old_path)
 
     # ---- PCI functions and drivers ---------------------------------------------------------
-    def _bind(self, pf: Pf, vf: Vf | None, driver: str) -> None:
+    def _bind(self, pf: Pf, vf: Vf | None, driver: str, after: float | None = None
+              ) -> float | None:
+        """Bind and probe; returns when the probe ends (mlx5_core: its netdev appears then)."""
         owner: Pf | Vf = vf or pf
         if vf is not None:
             if vf.driver is not None:
@@ -176,11 +201,14 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
         owner.bind_seq += 1
         self.bus.emit("bind", f"/{PCI_PARENT}/{owner.pci}", "pci", DRIVER=driver)
         self.note("pci.bound", pci=owner.pci, driver=driver)
+        end = None
         if driver == "mlx5_core":
             idx = vf.index if vf else None
-            self.schedule(self.sc.netdev_delay_s(owner.pci, idx),
-                          {"kind": "netdev_appear", "pci": owner.pci, "bind_seq": owner.bind_seq})
+            end = self.probe(self.sc.netdev_delay_s(owner.pci, idx), after)
+            self.schedule_at(end, {"kind": "netdev_appear", "pci": owner.pci,
+                                   "bind_seq": owner.bind_seq})
         self.tree.binding(self.st, pf, vf)
+        return end
 
     def _unbind(self, pf: Pf, vf: Vf | None) -> None:
         owner: Pf | Vf = vf or pf
@@ -209,6 +237,7 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
         if n == 0:
             self.remove_vfs(pf)
             return
+        previous: float | None = None  # autoprobe probes the new VFs one after another
         for i in range(n):
             vf = Vf(index=i, pci=vf_pci(pf.pci, i, pf.vf_offset), driver=None,
                     admin=dict(ADMIN_DEFAULTS))
@@ -216,7 +245,7 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
             self.tree.function(self.st, pf, vf)
             self.bus.emit("add", f"/{PCI_PARENT}/{vf.pci}", "pci", PCI_SLOT_NAME=vf.pci)
             if pf.autoprobe:
-                self._bind(pf, vf, "mlx5_core")
+                previous = self._bind(pf, vf, "mlx5_core", after=previous)
         self.tree.sriov(pf, bound=True)
         self.note("sriov.numvfs", pf=pf.pci, numvfs=n, autoprobe=pf.autoprobe)
 
@@ -251,7 +280,8 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
                 raise KernelError(errno.EOPNOTSUPP, f"{v} is a PF: (un)binding a PF is not "
                                   "simulated (on a real node it destroys every VF)")
             if attr == "bind":
-                return self._bind(pf, vf, driver)
+                self._bind(pf, vf, driver)
+                return None
             if attr == "unbind":
                 if vf.driver != driver:
                     raise KernelError(errno.ENODEV, f"{v} is not bound to {driver}")

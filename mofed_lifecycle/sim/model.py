@@ -115,6 +115,8 @@ class KernelState:
     openibd_restarts: int = 0
     peermem_loads: int = 0
     default_route: str | None = None  # the netdev the default route goes through, if any
+    # until when each of the [udev] probe_parallel probe lanes is busy (wall time)
+    probe_lanes: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._by_name: dict[str, int] = {n.name: i for i, n in self.netdevs.items()}

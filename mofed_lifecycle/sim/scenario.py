@@ -213,6 +213,10 @@ class Scenario:
     late_vfs: dict[int, float]
     pfs: tuple[PfSpec, ...]
     gpu: GpuSpec | None
+    # [udev] probe_parallel: driver probes the kernel and firmware run at once (version 2)
+    probe_parallel: int = 1
+    # [udev] blacklist_lag_s: a blacklist younger than this (scaled) is not yet seen by udev
+    blacklist_lag_s: float = 2.0
     host: HostSpec = field(default_factory=HostSpec)
     hanging_loads: frozenset[str] = frozenset()  # extra modules whose `modprobe` never returns
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -249,8 +253,15 @@ class Scenario:
         )
 
     def host_srcversion(self, module: str) -> str:
-        return self.loaded.get(module) or derived_srcversion(self.loaded_version, module)
+        """A pinned one, else derived; "" for the inbox stack's others: built without
+        MODULE_VERSION, they have no srcversion (contract version 2)."""
+        if module in self.loaded or self.loaded_version != INBOX:
+            return self.loaded.get(module) or derived_srcversion(self.loaded_version, module)
+        return ""
 
     def installed_srcversion(self, module: str) -> str:
-        return self.installed.get(module) or derived_srcversion(self.installed_version, module)
+        if module in self.installed or self.installed_version != INBOX:
+            return self.installed.get(module) or derived_srcversion(self.installed_version,
+                                                                    module)
+        return ""
 

@@ -62,8 +62,8 @@ class _Reader:
 
 
 # Every key the contract defines, per table: anything else is a misspelling, refused by name.
-# ([build] and [udev] probe_parallel/blacklist_lag_s are the contract's version-2 additions,
-# accepted here so that scenarios written to it load; [host] and fw: scenario_host.py.)
+# ([build] is the contract's version-2 addition accepted here so that scenarios written to it
+# load (the provisioning issue implements it); [host] and fw: scenario_host.py.)
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"node", "driver", "env", "udev", "pf", "gpu", "host", "build"}),
     "node": frozenset({"name", "kernel", "time_scale", "seed"}),
@@ -361,6 +361,9 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
         rename=udev.get("rename", bool, True),
         rename_delay=_delay(udev, "rename_delay_s", 0.1),
         late_vfs={int(k): float(v) for k, v in late.items()},
+        probe_parallel=udev.get("probe_parallel", int, 1, check=lambda v: 1 <= v <= 4096),
+        blacklist_lag_s=float(udev.get("blacklist_lag_s", (int, float), 2.0,
+                                       check=lambda v: v >= 0)),
         pfs=pfs,
         gpu=gpu,
         host=parse_host(f"{where}: [host]", data.get("host")),

@@ -131,6 +131,7 @@ class KernelServer:
                     reply = await self.wait_settled(float(args.get("timeout", 30)))
                 else:
                     self.k.advance()
+                    self.k.reply_at = None
                     try:
                         reply = {"ok": True, "result": self.dispatch(op, args)}
                     except KernelError as e:
@@ -138,6 +139,8 @@ class KernelServer:
                     except (KeyError, TypeError, ValueError) as e:
                         reply = {"ok": False, "errno": 22, "error": f"bad request {op}: {e!r}"}
                     self.tick()
+                    if self.k.reply_at is not None:  # a synchronous probe: answer when it ends
+                        await self.until(self.k.reply_at)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, json.JSONDecodeError):
@@ -147,6 +150,15 @@ class KernelServer:
             self.last_activity = time.monotonic()
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def until(self, when: float) -> None:
+        """Hold this connection's reply until wall time `when`, then apply what is due (the
+        probe's netdev appears as the write returns). Other connections are served meanwhile."""
+        delay = when - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.k.advance()
+        self.tick()
 
     async def wait_settled(self, timeout: float) -> dict[str, Any]:
         """Answer once no kernel or udev event is pending (tests wait on this, not on sleeps)."""

@@ -68,7 +68,7 @@ def ground_truth(st: KernelState, root: Path) -> dict[str, Any]:
     return {
         "kernel": st.kernel,
         "driver": {"loaded_version": st.loaded_version or None},
-        "modules": {m: {"srcversion": st.modules[m].srcversion, "refcnt": st.refcnt(m),
+        "modules": {m: {"srcversion": st.modules[m].srcversion or None, "refcnt": st.refcnt(m),
                         "holders": st.holders(m)} for m in sorted(st.modules)},
         "blacklist_files": blacklist_files(root),
         "markers": {m: (root / m).exists() for m in MARKERS},

@@ -106,10 +106,11 @@ class Tree:
             "# simulated kernel module: read by the simulated modinfo/modprobe",
             f"name={name}",
             f"filename=/lib/modules/{self.sc.kernel}/{path.parent.name}/{path.name}",
-            f"srcversion={srcversion}",
             f"depends={','.join(deps)}",
             f"vermagic={self.sc.kernel} SMP preempt mod_unload modversions",
         ]
+        if srcversion:  # an unversioned build: `modinfo -F srcversion` prints nothing
+            lines.append(f"srcversion={srcversion}")
         if version != "inbox":
             lines.append(f"version={version}")
         _write(path, "\n".join(lines) + "\n")
@@ -136,7 +137,10 @@ class Tree:
         for m in st.modules.values():
             present.add(m.name)
             d = self.sys / "module" / m.name
-            _write(d / "srcversion", m.srcversion + "\n")
+            if m.srcversion:  # an unversioned (inbox) build has no srcversion file
+                _write(d / "srcversion", m.srcversion + "\n")
+            else:
+                (d / "srcversion").unlink(missing_ok=True)
             _write(d / "refcnt", f"{st.refcnt(m.name)}\n")
             _write(d / "initstate", "live\n")
             if is_vendor(m.version) and m.version != "nvidia":

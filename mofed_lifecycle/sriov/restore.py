@@ -13,6 +13,7 @@ by PCI address.
 from __future__ import annotations
 
 import errno
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from ..host.netlink_types import LinkChange, NetlinkError, VfChange, VfSettings
 from ..host.node import Node
+from .binder import Binder
 from .model import PfSnapshot, Snapshot, VfSnapshot
 from .plan import (
     NETDEV_DRIVER,
@@ -43,6 +45,7 @@ from .snapshot import driver_of, eswitch_mode, netdev_of, vf_pci
 TRANSIENT = {errno.EBUSY, errno.EAGAIN, errno.ENODEV, errno.ENOENT, errno.ETIMEDOUT, errno.EINTR}
 PROGRESS_EVERY_S = 5.0
 SETTINGS_BATCH = 32  # VFs per netlink request (IFLA_VFINFO_LIST), well under a message's size
+BIND_WORKERS = 16  # VF_BIND_WORKERS's default: VF bind writes in the kernel at once
 POLL_S = 0.05  # the event wait's slice: PF workers' progress is checked between slices
 
 
@@ -68,11 +71,12 @@ def _transient(e: BaseException) -> bool:
 
 class Restorer:
     def __init__(self, node: Node, snapshot: Snapshot, *, deadline_s: float, workers: int,
-                 stop: threading.Event, log: Any) -> None:
+                 stop: threading.Event, log: Any, bind_workers: int = BIND_WORKERS) -> None:
         self.node, self.snap, self.stop, self.log = node, snapshot, stop, log
         self.paths = node.paths
         self.deadline = time.monotonic() + deadline_s
         self.workers = workers
+        self.binder = Binder(bind_workers)
         self.result = RestoreResult()
         self.no_netdev: set[str] = set()  # VFs restored with no netdev work to do
         self.not_kept: dict[str, str] = {}  # VF PCI -> settings read back otherwise (still bound)
@@ -127,10 +131,11 @@ class Restorer:
                     elif e.pci in vfs and e.pci not in self.result.failed:
                         finish[e.pci] = vfp.submit(self.finish_vf, vfs[e.pci])
 
-                def done() -> bool:
+                def done() -> bool:  # a VF whose bind failed is not waited for
                     return (len(pf_jobs) == len(pfs) and all(f.done() for f in pf_jobs.values())
                             and not readiness.undelivered()
-                            and not [p for p in readiness.pending() if p in vfs])
+                            and not [p for p in readiness.pending()
+                                     if p in vfs and p not in self.result.failed])
 
                 self.wait(readiness, started, done, total=len(vfs))
                 for pci, pf in pfs.items():
@@ -152,6 +157,7 @@ class Restorer:
                                      if vf.driver != NETDEV_DRIVER or vf.pci in self.no_netdev}
             self.result.restored = sorted(p for p in settled if p not in self.result.failed)
         finally:
+            self.binder.close()  # a bind still in the kernel is left there (binder.py)
             events.close()
         self.result.duration_s = time.monotonic() - start
         return self.result
@@ -243,13 +249,19 @@ class Restorer:
         return True, rebound
 
     def bind_vfs(self, vfs: list[VfSnapshot], readiness: Readiness) -> None:
+        """Hand every bind to the writers (each write lasts its VF's probe); the netdevs they
+        bring are waited for by udev event like any other."""
         for vf in vfs:
             if vf.driver is None:
                 continue
-            try:
-                readiness.expect(vf.pci, vf.netdev, vf.driver, check_now=False)
-                self.bind(vf, vf.driver)
-            except (OSError, RestoreAborted) as e:
+            readiness.expect(vf.pci, vf.netdev, vf.driver, check_now=False)
+            self.binder.submit(functools.partial(self.bind_one, vf))
+
+    def bind_one(self, vf: VfSnapshot) -> None:
+        try:
+            self.bind(vf, vf.driver or NETDEV_DRIVER)
+        except (OSError, RestoreAborted) as e:
+            if not self.binder.closed.is_set():  # else the restore has been reported already
                 self.result.failed[vf.pci] = str(e)
                 self.log.error("restore.vf_failed", vf=vf.pci, error=str(e))
 
@@ -386,6 +398,6 @@ class Restorer:
 
 
 def restore(node: Node, snapshot: Snapshot, *, deadline_s: float, workers: int,
-            stop: threading.Event, log: Any) -> RestoreResult:
+            stop: threading.Event, log: Any, bind_workers: int = BIND_WORKERS) -> RestoreResult:
     return Restorer(node, snapshot, deadline_s=deadline_s, workers=workers, stop=stop,
-                    log=log).run()
+                    log=log, bind_workers=bind_workers).run()
