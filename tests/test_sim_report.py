@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from mofed_lifecycle.sim import run as simrun
+from mofed_lifecycle.sim.floor import probe_floor
 from mofed_lifecycle.sim.report import (
     compare_vfs,
     measure_restore,
-    node_floor,
     ratio,
     restore_lines,
 )
@@ -162,10 +162,26 @@ def test_without_a_reload_a_touched_vf_counts_from_the_runs_start():
     assert m["restore_s"] == pytest.approx(0.4) and m["disruption_s"] is None
 
 
-def test_the_node_floor_accounts_for_each_pfs_own_return():
-    assert node_floor({PF: 2.3, PF2: 2.6}, {PF: 1.0, PF2: 0.9}) == pytest.approx(1.2)
-    assert node_floor({PF: 2.3}, {PF: 1.0, PF2: 0.9}) == pytest.approx(1.0)  # PF2 never back
-    assert node_floor({}, {PF: 1.0}) is None
+def test_the_node_floor_schedules_each_pfs_probes_from_its_own_return():
+    # one VF per PF, lanes enough: each PF's own return + its probe + its rename
+    jobs = {PF: [(0.9, 0.1)], PF2: [(0.8, 0.1)]}
+    assert probe_floor(jobs, {PF: 2.3, PF2: 2.6}, 4) == pytest.approx(1.2)
+    assert probe_floor(jobs, {PF: 2.3}, 4) == pytest.approx(1.0)  # PF2 never came back
+    assert probe_floor(jobs, {}, 4) is None
+
+
+def test_with_one_probe_lane_the_floor_is_the_sum_of_the_probes():
+    jobs = {PF: [(0.5, 0.1), (0.3, 0.05), (0.2, 0.0)]}
+    assert probe_floor(jobs, {PF: 0.0}, 1) == pytest.approx(1.0 + 0.0)  # longest first
+    # two lanes: 0.5 on one, 0.3 then 0.2 on the other; the 0.5 probe's rename ends last
+    assert probe_floor(jobs, {PF: 0.0}, 2) == pytest.approx(0.6)
+    # lanes are shared by the PFs: the second PF's probe waits for a lane
+    two = {PF: [(0.5, 0.0)], PF2: [(0.5, 0.0)]}
+    assert probe_floor(two, {PF: 0.0, PF2: 0.1}, 1) == pytest.approx(1.0)
+    assert probe_floor(two, {PF: 0.0, PF2: 0.1}, 2) == pytest.approx(0.6)
+
+
+def test_ratio_of_a_time_to_its_floor():
     assert ratio(1.29, 1.2) == pytest.approx(1.075) and ratio(None, 1.0) is None
     assert ratio(1.0, 0.0) is None
 

@@ -6,8 +6,8 @@ and the ground truth before and after the run (`sim state`), never over anything
 - `compare_vfs`: which VFs are back exactly as they were (every field of their `state` entry);
 - `measure_restore`: `restore_s` (PF back after the reload -> the last kernel event on a VF that is
   back) and `disruption_s` (first VF gone -> that same event), plus the marks they come from;
-- `node_floor`: the floor once the PFs' own return times are known (the static `restore_limit_s`
-  assumes every PF is back at once; a PF's VFs cannot be configured before that PF is back).
+The floors they are compared with are scheduled in `floor.py` (the static `restore_limit_s` has
+every PF back at once; the node floor schedules each PF's VFs from when that PF came back).
 """
 
 from __future__ import annotations
@@ -127,16 +127,6 @@ def measure_restore(timeline: list[dict[str, Any]], before: dict[str, Any],
 
 def _span(start: float | None, end: float | None) -> float | None:
     return None if start is None or end is None else round(max(0.0, end - start), 6)
-
-
-def node_floor(pf_back: dict[str, float], pf_floors: dict[str, float]) -> float | None:
-    """The floor given when each PF was back in this run: max over PFs of (its return after the
-    first PF's + its slowest VF's ready delay). None when no PF with VFs came back."""
-    if not pf_back:
-        return None
-    first = min(pf_back.values())
-    ends = [pf_back[p] - first + f for p, f in pf_floors.items() if p in pf_back]
-    return round(max(ends), 6) if ends else None
 
 
 def ratio(value: float | None, floor: float | None) -> float | None:

@@ -29,9 +29,10 @@ from ..config import load_config
 from ..host.paths import NodePaths
 from ..lifecycle.journal import journal_dir
 from .client import KernelClient, clean_env
+from .floor import probe_floor
 from .node import init_node, stop_kernel
 from .peermem_run import GpuSide, report_block
-from .report import format_timeline, measure_restore, node_floor, ratio
+from .report import format_timeline, measure_restore, ratio
 from .scenario import Scenario
 from .uevent import umockdev_env
 
@@ -185,22 +186,13 @@ def cpu_seconds(pid: int) -> float | None:
     return t.user + t.system
 
 
-def pf_floors(sc: Scenario) -> dict[str, float]:
-    """PF PCI -> its slowest VF's ready delay (scaled), over the VFs that get a netdev."""
-    out = {}
-    for pf in sc.pfs:
-        delays = [sc.vf_ready_delay_s(pf, v.index) for v in pf.vfs if v.driver == "mlx5_core"]
-        if delays:
-            out[pf.pci] = max(delays)
-    return out
-
-
 def restore_figures(sc: Scenario, timeline: list[dict[str, Any]], before: dict[str, Any],
                     after: dict[str, Any]) -> dict[str, Any]:
     """The report's restore keys, measured from the kernel timeline and the ground truth."""
     m = measure_restore(timeline, before, after)
     limit = round(sc.restore_limit_s(), 6)
-    node = node_floor(m["marks"]["pf_back"], pf_floors(sc)) if m["reloaded"] else None
+    node = (probe_floor(sc.vf_probes(), m["marks"]["pf_back"], sc.probe_parallel)
+            if m["reloaded"] else None)
     return {
         "reloaded": m["reloaded"],
         "disruption_s": m["disruption_s"],

@@ -235,22 +235,27 @@ class Scenario:
             return 0.0
         return self.rename_delay.draw(self.seed, "rename", pci, index, index=index)
 
-    def vf_ready_delay_s(self, pf: PfSpec, index: int) -> float:
-        """Scaled time from a VF's bind until udev has finished naming its netdev."""
-        pci = vf_pci(pf.pci, index, pf.vf_offset)
-        return self.scaled(self.netdev_delay_s(pci, index) + self.rename_delay_s(pci, index))
+    def vf_probes(self) -> dict[str, list[tuple[float, float]]]:
+        """PF PCI -> (probe, rename) of each of its VFs that gets a netdev, scaled: what the
+        floor is scheduled from (sim/floor.py). A VF bound to vfio-pci (or left unbound) has no
+        netdev to wait for."""
+        out: dict[str, list[tuple[float, float]]] = {}
+        for pf in self.pfs:
+            for v in pf.vfs:
+                if v.driver == "mlx5_core":
+                    pci = vf_pci(pf.pci, v.index, pf.vf_offset)
+                    out.setdefault(pf.pci, []).append(
+                        (self.scaled(self.netdev_delay_s(pci, v.index)),
+                         self.scaled(self.rename_delay_s(pci, v.index))))
+        return out
 
     def restore_limit_s(self) -> float:
-        """The floor of any restore: every VF bound once, the slowest netdev ready (scaled).
+        """The floor of any restore with every PF back at once: the best schedule of the VFs'
+        probes on the probe lanes (sim/floor.py), the last rename included (scaled)."""
+        from .floor import probe_floor
 
-        Only VFs that have a netdev count: one bound to vfio-pci (or left unbound) has none to wait
-        for.
-        """
-        return max(
-            (self.vf_ready_delay_s(pf, v.index) for pf in self.pfs for v in pf.vfs
-             if v.driver == "mlx5_core"),
-            default=0.0,
-        )
+        jobs = self.vf_probes()
+        return probe_floor(jobs, dict.fromkeys(jobs, 0.0), self.probe_parallel) or 0.0
 
     def host_srcversion(self, module: str) -> str:
         """A pinned one, else derived; "" for the inbox stack's others: built without
