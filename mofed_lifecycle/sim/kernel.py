@@ -204,7 +204,10 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
         end = None
         if driver == "mlx5_core":
             idx = vf.index if vf else None
-            end = self.probe(self.sc.netdev_delay_s(owner.pci, idx), after)
+            probe_s = self.sc.netdev_delay_s(owner.pci, idx)
+            end = self.probe(probe_s, after)
+            self.note("pci.probe", pci=owner.pci, start=round(end - self.sc.scaled(probe_s), 6),
+                      end=round(end, 6))
             self.schedule_at(end, {"kind": "netdev_appear", "pci": owner.pci,
                                    "bind_seq": owner.bind_seq})
         self.tree.binding(self.st, pf, vf)
