@@ -204,6 +204,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("OFED_BLACKLIST_MODULES_FILE", "blacklist_file", parse_modprobe_conf,
          "/host/etc/modprobe.d/blacklist-ofed-modules.conf",
          "the blacklist file: the host's modprobe.d as mounted in the container"),
+    Spec("BLACKLIST_SETTLE_SEC", "blacklist_settle_s", seconds_in(0, 60), "3",
+         "after writing the blacklist, wait this long before unloading anything: udev re-reads "
+         "modprobe.d lazily (at most every 3 s), and until it has, the host's udev may load its "
+         "own driver by alias while the stack is unloaded; 0: no wait"),
     Spec("CREATE_IFNAMES_UDEV", "create_ifnames_udev", parse_bool, "false",
          "install the short-name udev rule (the operator injects true)"),
     Spec("RESTORE_DRIVER_ON_POD_TERMINATION", "restore_driver_on_termination", parse_bool, "false",
@@ -302,6 +306,7 @@ class Config:
     third_party_rdma_modules: tuple[str, ...]
     mlx5_auxiliary_modules: tuple[str, ...]
     blacklist_modules: tuple[str, ...]
+    blacklist_settle_s: float
     blacklist_file: str
     create_ifnames_udev: bool
     restore_driver_on_termination: bool

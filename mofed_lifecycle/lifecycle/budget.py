@@ -106,5 +106,6 @@ def stop_budget_s(config: Config) -> float:
     Size terminationGracePeriodSeconds and TimeoutStopSec= to at least this; kubelet and systemd
     only wait as long as the process runs."""
     step = tools_budget_s(config) + COMMAND_OVERRUN_S
-    swap = step + reload_s(config) + step + config.vf_restore_timeout_s
+    swap = (config.blacklist_settle_s + step + reload_s(config) + step
+            + config.vf_restore_timeout_s)
     return swap + inbox_restore_s(config) + STOP_MARGIN_S

@@ -56,11 +56,17 @@ class ModulesMixin:
         return name in STACK_DEPS or name in AUX_DEPS or name in extra or (
             name == "nvidia_peermem" and self.sc.gpu is not None)
 
-    def blacklisted(self: SimKernel) -> set[str]:
-        """Modules named by a `blacklist` line in any etc/modprobe.d/*.conf of the node."""
+    def blacklisted(self: SimKernel, *, by_udev: bool = False) -> set[str]:
+        """Modules named by a `blacklist` line in any etc/modprobe.d/*.conf of the node.
+        `by_udev`: as udev's alias load sees them: it re-reads modprobe.d lazily, so a file
+        younger than `[udev] blacklist_lag_s` (scaled) is not seen yet (contract version 2)."""
         out: set[str] = set()
+        now = self.event_time if self.event_time is not None else self.now()
+        lag = self.sc.scaled(self.sc.blacklist_lag_s) if by_udev else 0.0
         for f in sorted((self.root / "etc/modprobe.d").glob("*.conf")):
             try:
+                if lag and f.stat().st_mtime > now - lag:
+                    continue
                 text = f.read_text()
             except OSError:
                 continue
@@ -231,7 +237,9 @@ class ModulesMixin:
 
     def _ev_alias_autoload(self: SimKernel) -> None:
         """The host's udev sees mlx5 PCI functions without a driver and runs `modprobe -b ALIAS`."""
-        if "mlx5_core" in self.st.modules or "mlx5_core" in self.blacklisted():
+        if "mlx5_core" in self.st.modules or "mlx5_core" in self.blacklisted(by_udev=True):
+            if "mlx5_core" not in self.st.modules:
+                self.note("udev.alias_blacklisted", module="mlx5_core")
             return
         version = self.sc.loaded_version
         for m in ("mlx_compat", "mlxfw", "mlx5_core"):

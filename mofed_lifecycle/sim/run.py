@@ -61,6 +61,9 @@ def lifecycle_env(sc: Scenario) -> dict[str, str]:
     """The environment the operator would inject: the scenario's [env] over the defaults."""
     env = clean_env()
     env.setdefault("NVIDIA_NIC_DRIVER_VER", sc.installed_version)
+    # the node's udev sees a blacklist after [udev] blacklist_lag_s (scaled): an operator of a
+    # node this much faster would set the settle to match (the default, 3 s, is a real node's)
+    env.setdefault("BLACKLIST_SETTLE_SEC", f"{max(0.001, 1.5 * sc.scaled(sc.blacklist_lag_s)):.4g}")
     env.update(sc.env)
     return env
 

@@ -110,3 +110,33 @@ def test_the_inbox_stack_is_unversioned(make_node):
     r = subprocess.run([str(root2 / ".sim/bin/modinfo"), "-F", "srcversion", "mlx5_core"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout == ""
+
+
+# ---- blacklist lag: udev re-reads modprobe.d lazily --------------------------------------------
+
+def kernel_events(root: Path) -> list[str]:
+    return [json.loads(x)["event"] for x in (root / ".sim/timeline.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("settle", "alias_loads"), [("0", 1), ("0.6", 0)])
+def test_a_blacklist_younger_than_udevs_lag_does_not_stop_the_hosts_alias_load(make_node, settle,
+                                                                               alias_loads):
+    """udev sees a new blacklist only after [udev] blacklist_lag_s (here 0.4 s scaled): a reload
+    that unloads at once lets the host's udev load its own mlx5_core mid-swap (openibd then fails
+    and is retried); one that waits BLACKLIST_SETTLE_SEC past the lag sees none."""
+    from .test_lifecycle import lifecycle
+
+    text = (SCENARIOS / "tiny-eth.toml").read_text().replace(
+        "[udev]\n", "[udev]\nblacklist_lag_s = 40.0\n")
+    root, k = make_node(text, f"lag{settle}")
+    r = lifecycle(root, "--once", env={"BLACKLIST_SETTLE_SEC": settle})
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = kernel_events(root)
+    assert events.count("udev.alias_autoload") == alias_loads
+    unloads = events.count("openibd.unloaded")
+    assert unloads == 1 + alias_loads  # the alias load costs an openibd retry
+    mods = k.call("state")["modules"]
+    sc = load_scenario(root / ".sim/scenario.toml")
+    assert mods["mlx5_core"]["srcversion"] == sc.installed_srcversion("mlx5_core")
+    if not alias_loads:
+        assert "udev.alias_blacklisted" in events
