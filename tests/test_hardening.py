@@ -63,7 +63,9 @@ def test_restore_driver_on_termination_keeps_every_vf_across_a_stop_and_a_start(
     from .test_lifecycle import MARKER, wait_for
     from .test_no_harm import vf_fields
 
-    root, k = make_node(EXAMPLE_50, "inbox")
+    # a NIC that probes 8 VFs at once: three restores of 50 VFs here, none about probe order
+    root, k = make_node(EXAMPLE_50.read_text().replace("[udev]\n", "[udev]\nprobe_parallel = 8\n"),
+                        "inbox")
     env = {"RESTORE_DRIVER_ON_POD_TERMINATION": "true"}
     proc = lifecycle(root, env=env, wait=False)
     try:
