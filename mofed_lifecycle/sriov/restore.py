@@ -13,7 +13,6 @@ by PCI address.
 from __future__ import annotations
 
 import errno
-import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +23,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from ..host.netlink_types import LinkChange, NetlinkError, VfChange, VfSettings
 from ..host.node import Node
-from .binder import Binder
+from .binder import Binder, bind_vfs
 from .model import PfSnapshot, Snapshot, VfSnapshot
 from .plan import (
     NETDEV_DRIVER,
@@ -77,6 +76,8 @@ class Restorer:
         self.deadline = time.monotonic() + deadline_s
         self.workers = workers
         self.binder = Binder(bind_workers)
+        self.binding: set[str] = set()  # VFs whose bind is queued or in the kernel
+        self.lock = threading.Lock()  # the writers' outcomes vs the restore's report
         self.result = RestoreResult()
         self.no_netdev: set[str] = set()  # VFs restored with no netdev work to do
         self.not_kept: dict[str, str] = {}  # VF PCI -> settings read back otherwise (still bound)
@@ -133,7 +134,7 @@ class Restorer:
 
                 def done() -> bool:  # a VF whose bind failed is not waited for
                     return (len(pf_jobs) == len(pfs) and all(f.done() for f in pf_jobs.values())
-                            and not readiness.undelivered()
+                            and not readiness.undelivered() and not self.binding
                             and not [p for p in readiness.pending()
                                      if p in vfs and p not in self.result.failed])
 
@@ -151,13 +152,20 @@ class Restorer:
                     exc = fut.exception()
                     if exc is not None:
                         self.result.failed.setdefault(pci, str(exc))
+            with self.lock:  # from here no writer records anything (bind_one)
+                self.binder.close()  # a bind still in the kernel is left there (binder.py)
+                for pci in sorted(self.binding):
+                    self.result.failed.setdefault(
+                        pci, "its bind did not return before the deadline: its driver's probe "
+                             "had not ended (see dmesg)")
             for pci, why in self.not_kept.items():
                 self.result.failed.setdefault(pci, why)
             settled = set(finish) | {vf.pci for p in pfs.values() for vf in p.vfs
                                      if vf.driver != NETDEV_DRIVER or vf.pci in self.no_netdev}
             self.result.restored = sorted(p for p in settled if p not in self.result.failed)
         finally:
-            self.binder.close()  # a bind still in the kernel is left there (binder.py)
+            with self.lock:
+                self.binder.close()
             events.close()
         self.result.duration_s = time.monotonic() - start
         return self.result
@@ -221,7 +229,7 @@ class Restorer:
             watch = readiness.watch(pf.pci)  # the representors' events, from before the switch
             to_bind = self.configure_vfs(pf, readiness)
             switched, rebound = self.ensure_eswitch(pf)
-            self.bind_vfs(to_bind + rebound, readiness)
+            bind_vfs(self, to_bind + rebound, readiness)
             if pf.representors:
                 try:
                     restore_representors(self, pf, watch, switched=switched)
@@ -247,23 +255,6 @@ class Restorer:
         self.log.info("restore.eswitch", pf=pf.pci, mode=pf.eswitch, rebound=len(rebound))
         self.result.strategy[pf.pci] += f", eswitch {pf.eswitch} before binding"
         return True, rebound
-
-    def bind_vfs(self, vfs: list[VfSnapshot], readiness: Readiness) -> None:
-        """Hand every bind to the writers (each write lasts its VF's probe); the netdevs they
-        bring are waited for by udev event like any other."""
-        for vf in vfs:
-            if vf.driver is None:
-                continue
-            readiness.expect(vf.pci, vf.netdev, vf.driver, check_now=False)
-            self.binder.submit(functools.partial(self.bind_one, vf))
-
-    def bind_one(self, vf: VfSnapshot) -> None:
-        try:
-            self.bind(vf, vf.driver or NETDEV_DRIVER)
-        except (OSError, RestoreAborted) as e:
-            if not self.binder.closed.is_set():  # else the restore has been reported already
-                self.result.failed[vf.pci] = str(e)
-                self.log.error("restore.vf_failed", vf=vf.pci, error=str(e))
 
     def configure_vfs(self, pf: PfSnapshot, readiness: Readiness) -> list[VfSnapshot]:
         """Admin settings through the PF, unbinds where needed; returns the VFs to bind."""
