@@ -90,6 +90,10 @@ def test_an_unversioned_inbox_module_is_explained_as_such() -> None:
         assert d.reload
         assert "mlx5_core has no srcversion (an unversioned, inbox build)" in d.explain()
         assert "not loaded" not in d.explain()
+        # what the code before the fix did: judge "loaded" by the srcversion alone, which calls
+        # these loaded modules absent
+        before_fix = decide(loaded, installed, mods).explain()
+        assert "mlx5_core neither loaded nor installed" in before_fix
     finally:
         unload("mlx5_ib", "mlx5_core", "ib_uverbs", "ib_core")
 
