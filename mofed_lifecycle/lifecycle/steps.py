@@ -131,9 +131,9 @@ def step_blacklist(r: Runner) -> Outcome:
         r.log.info("blacklist.settling", seconds=r.config.blacklist_settle_s,
                    why="udev re-reads modprobe.d lazily; until it has, an alias load by the "
                        "host's udev would bring its own driver back mid-swap")
-        # No event says udev has re-read modprobe.d: a bounded wait (BLACKLIST_SETTLE_SEC,
-        # counted in the stop budget), not cut short by a stop: the swap has begun.
-        time.sleep(r.config.blacklist_settle_s)
+        # bounded (BLACKLIST_SETTLE_SEC, counted in the stop budget), not cut short by a stop:
+        # the swap has begun
+        time.sleep(r.config.blacklist_settle_s)  # sleep-ok: no event says udev re-read modprobe.d
     return Outcome.OK
 
 def step_unload_aux(r: Runner) -> Outcome:

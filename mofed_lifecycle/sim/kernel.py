@@ -53,12 +53,10 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
     # ---- time ------------------------------------------------------------------------------
     def schedule(self, delay_s: float, event: dict[str, Any]) -> None:
         """Run `event` after `delay_s` scaled seconds (persisted: it survives a restart)."""
-        self.st.seq += 1
         # An event caused by another one counts from that one's due time, not from when this
         # process got round to it: a loaded machine delays events but never reorders them.
         base = self.event_time if self.event_time is not None else self.now()
-        heapq.heappush(self.st.pending, [base + self.sc.scaled(delay_s), self.st.seq, event])
-        self.dirty = True
+        self.schedule_at(base + self.sc.scaled(delay_s), event)
 
     def schedule_at(self, due: float, event: dict[str, Any]) -> None:
         """Run `event` at wall time `due` (persisted)."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from ..test_lifecycle import wait_for as wait_until  # polls sysfs: no event for these attributes
 
 IN_GUEST = os.environ.get("MOFED_REALKERNEL_GUEST") == "1"
 CACHE = Path(os.environ.get("MOFED_LANE_CACHE", "/nonexistent"))
@@ -31,15 +32,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def sh(*argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                           check=check)
-
-
-def wait_until(predicate, what: str, timeout: float = 30.0) -> None:
-    """Poll sysfs (no event for these attributes) within a deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def settle() -> None:
