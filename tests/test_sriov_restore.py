@@ -293,3 +293,30 @@ def test_a_setting_the_kernel_accepted_but_did_not_keep_fails_that_vf_by_name(ti
     assert vf0["vlan"] == 0 and vf0["trust"] is False  # VLAN back; trust really not kept
     assert "trust True (reads False)" in result.failed["0000:08:00.2"]
     assert set(result.failed) == {"0000:08:00.2"}
+
+
+def test_a_probe_that_never_ends_holds_its_writer_not_the_restore_and_a_restart_finishes(
+        make_node):
+    """A kernel that probes one VF at a time (probe_parallel 1) with VF 0's probe far past the
+    deadline: every VF queued behind it misses the deadline too. The run still ends at its
+    deadline (the bind writes are left in the kernel), names the VFs it could not restore, and
+    the next start, once the probes have ended, restores every VF without another reload."""
+    from .test_lifecycle import events
+
+    stuck = SLOW.replace("late_vfs = { 1 = 250.0 }", "late_vfs = { 0 = 150.0 }").replace(
+        "probe_parallel = 16", "probe_parallel = 1")
+    root, k = make_node(stuck, "stuck")
+    before = k.call("state")
+    r = lifecycle(root, "--once", env={"VF_RESTORE_TIMEOUT_SEC": "1",
+                                       "READY_ON_PARTIAL_RESTORE": "false"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    # it ended while VF 0's probe was still running in the kernel (its write left there)
+    assert k.call("state")["pfs"]["0000:3b:00.0"]["vfs"]["0"]["netdev"] is None
+    not_restored = {e["vf"] for e in events(r.stderr) if e["event"] == "restore.vf_not_restored"}
+    assert "0000:3b:00.2" in not_restored  # VF 0, the stuck probe, by PCI address
+    assert len(not_restored) >= 2  # and VFs queued behind it in the one lane
+    k.call("wait_settled", timeout=60)  # VF 0's probe ends; the queued ones run after it
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reload" not in journal_states(root)[-8:]
+    assert_restored(before, k.call("state"))
