@@ -181,6 +181,15 @@ def test_with_one_probe_lane_the_floor_is_the_sum_of_the_probes():
     assert probe_floor(two, {PF: 0.0, PF2: 0.1}, 2) == pytest.approx(0.6)
 
 
+def test_in_vf_order_the_probes_land_where_a_lane_is_free_whatever_their_length():
+    """What a restorer that cannot know the probe times can do at best (the benchmark's second
+    floor): the short probes first put the long one last."""
+    jobs = {PF: [(0.2, 0.0), (0.3, 0.0), (0.5, 0.0)]}
+    assert probe_floor(jobs, {PF: 0.0}, 2, in_order=True) == pytest.approx(0.7)
+    assert probe_floor(jobs, {PF: 0.0}, 2) == pytest.approx(0.5)  # longest first
+    assert probe_floor(jobs, {PF: 0.0}, 1, in_order=True) == pytest.approx(1.0)  # one lane: same
+
+
 def test_ratio_of_a_time_to_its_floor():
     assert ratio(1.29, 1.2) == pytest.approx(1.075) and ratio(None, 1.0) is None
     assert ratio(1.0, 0.0) is None

@@ -17,16 +17,18 @@ Job = tuple[float, float]  # (probe, rename after it), scaled seconds
 
 
 def probe_floor(jobs: Mapping[str, Sequence[Job]], release: Mapping[str, float],
-                lanes: int) -> float | None:
+                lanes: int, *, in_order: bool = False) -> float | None:
     """When the last VF is ready, from the first PF's return, if the PFs (keys of `jobs`) came
     back at `release` (PFs absent there never came back: their VFs are not counted). None when
-    no PF with VFs came back."""
+    no PF with VFs came back. `in_order`: the probes in the order given (VF order, each PF from
+    its return), as a restorer that cannot know the probe times hands them to the kernel: the
+    best such a restorer can do, against the longest-first schedule that knows them."""
     back = {p: t for p, t in release.items() if jobs.get(p)}
     if not back:
         return None
     first = min(back.values())
     order = sorted(((back[p] - first, probe, rename) for p in back for probe, rename in jobs[p]),
-                   key=lambda j: (j[0], -(j[1] + j[2])))
+                   key=lambda j: (j[0],) if in_order else (j[0], -(j[1] + j[2])))
     free = [0.0] * max(1, lanes)
     ready = 0.0
     for rel, probe, rename in order:
