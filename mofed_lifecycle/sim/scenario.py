@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .floor import probe_floor
+
 # The classic stack `openibd` knows, and who uses whom ("a uses b": a is in b's holders/).
 STACK_DEPS: dict[str, tuple[str, ...]] = {
     "mlx_compat": (),
@@ -252,8 +254,6 @@ class Scenario:
     def restore_limit_s(self) -> float:
         """The floor of any restore with every PF back at once: the best schedule of the VFs'
         probes on the probe lanes (sim/floor.py), the last rename included (scaled)."""
-        from .floor import probe_floor
-
         jobs = self.vf_probes()
         return probe_floor(jobs, dict.fromkeys(jobs, 0.0), self.probe_parallel) or 0.0
 
