@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
+from .cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, _root
 from .config import ConfigError, load_config
 from .log import configure_logging, get_logger
 
 if TYPE_CHECKING:
-    from .host.node import Node, Tools
+    from collections.abc import Mapping
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+    from .config import Config
+    from .host.node import Node, Tools
+    from .provision.plan import Mode
+
 
 EPILOG = """\
 exit codes:
@@ -34,15 +38,6 @@ Every host path is read under --root (default /): point it at a directory made b
 """
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported in one line, exit 2."""
-
-
-def _root(value: str) -> Path:
-    p = Path(value)
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"--root {value!r} is not a directory")
-    return p.resolve()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the systemd unit's\nmain process. Configured by the environment variables "
                     "of the Network Operator (see README).",
     )
+    run.add_argument("mode", nargs="?", choices=("precompiled", "sources"), default="precompiled",
+                     help="precompiled (default): the driver is in the image; sources: build it "
+                          "from NVIDIA_NIC_DRIVER_PATH with install.pl, through the build cache "
+                          "(NVIDIA_NIC_DRIVERS_INVENTORY_PATH), or by the OpenShift DTK sidecar "
+                          "with DTK_OCP_DRIVER_BUILD=true")
     run.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
     run.add_argument("--once", action="store_true", help="exit 0 once ready instead of staying up")
     run.add_argument("--dry-run", action="store_true",
                      help="print the decision and the plan, change nothing; exit 1 if the "
                           "reload would be refused")
+
+    dtk = sub.add_parser(
+        "dtk-build", formatter_class=fmt, epilog=EPILOG,
+        help="OpenShift driver-toolkit sidecar: build the driver the main container hands over",
+        description="Watch <DTK_OCP_NIC_SHARED_DIR>/<sanitised kernel>/ for dtk_start_compile "
+                    "(inotify), build the sources\nthere with install.pl, write "
+                    "dtk_done_compile_<version>, stay up until SIGTERM (which also stops\na "
+                    "build). Heartbeat (dtk_heartbeat.json) every HEARTBEAT_INTERVAL_SEC; the "
+                    "main container\n(`run sources` with DTK_OCP_DRIVER_BUILD=true) reports a "
+                    "sidecar that died or hangs.",
+    )
+    dtk.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
 
     pm = sub.add_parser(
         "peermem", formatter_class=fmt, epilog=EPILOG,
@@ -133,60 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--no-require-version", action="store_true",
                      help="accept an unset NVIDIA_NIC_DRIVER_VER (only `run` needs it)")
 
-    sim = sub.add_parser(
-        "sim", formatter_class=fmt,
-        help="a simulated node: build one, inspect its ground truth, run the lifecycle on it",
-        description="A simulated node is a directory standing in for `/` plus a kernel process "
-                    "that gives it life:\nmodules with holders, SR-IOV, netdevs that appear late "
-                    "and "
-                    "are renamed by udev, udev events,\nand stand-ins for modprobe, modinfo, "
-                    "openibd... Scenario files: see README and ../shared/scenario-format.md.",
-        epilog="examples:\n"
-               "  mofed-lifecycle sim init examples/upgrade-50vf-eth.toml --root /tmp/node\n"
-               "  mofed-lifecycle sim state --root /tmp/node\n"
-               "  mofed-lifecycle sim run examples/upgrade-50vf-eth.toml --report report.json\n",
-    )
-    ssub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND", required=True)
-    si = ssub.add_parser("init", help="materialise a scenario into a node root",
-                         description="Materialise SCENARIO into DIR (a tree standing in for /).")
-    si.add_argument("scenario", help="scenario TOML file")
-    si.add_argument("--root", required=True, type=Path,
-                    help="directory for the node (new or empty)")
-    si.add_argument("--force", action="store_true", help="rebuild DIR if it already holds a node")
-    ss = ssub.add_parser("state", help="print the node's ground truth as JSON",
-                         description="Print what the simulated kernel holds now (never what the "
-                                     "daemon believes).")
-    ss.add_argument("--root", required=True, type=_root)
-    sr = ssub.add_parser("run", help="init a node, run the lifecycle on it, report",
-                         description="Init SCENARIO in a temporary directory, run the lifecycle "
-                                     "on it, print a timeline and write the JSON report.")
-    sr.add_argument("scenario")
-    sr.add_argument("--report", type=Path, help="write the JSON report here")
-    sr.add_argument("--root", type=Path, help="use this directory instead of a temporary one")
-    sr.add_argument("--keep", action="store_true", help="keep the temporary node afterwards")
-    st = ssub.add_parser("stop", help="stop a node's kernel process",
-                         description="Stop the kernel process of the node at DIR (it also stops "
-                                     "by itself when idle).")
-    st.add_argument("--root", required=True, type=_root)
-    sv = ssub.add_parser("set-vf", help="change a VF as an administrator would (ip link set)",
-                         description="What `ip link set PF vf N KEY VALUE...` does on the node "
-                                     "at DIR. Keys: mac, vlan, qos, trust, spoofchk, link_state, "
-                                     "min_tx_rate, max_tx_rate, node_guid, port_guid. Example: "
-                                     "sim set-vf --root DIR 0000:08:00.0 1 vlan=900 trust=off")
-    sv.add_argument("--root", required=True, type=_root)
-    sv.add_argument("pf_pci", metavar="PF_PCI")
-    sv.add_argument("vf_index", metavar="VF_INDEX", type=int)
-    sv.add_argument("settings", metavar="KEY=VALUE", nargs="+")
-    from .sim.admin import SET_ACTIONS
+    from .cli_sim import add_sim_parser
 
-    ss = ssub.add_parser(
-        "set", help="change the node as an operator or a failure would (modules, route, firmware)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Change the node at DIR at once, between or during runs. WHAT is one of:\n"
-                    + "".join(f"  {w + ' ' + a:<34} {d}\n" for w, (a, d) in SET_ACTIONS.items())
-                    + "Example: sim set --root DIR module-unload nvme_rdma")
-    ss.add_argument("--root", required=True, type=_root)
-    ss.add_argument("what", metavar="WHAT", nargs="+")
+    add_sim_parser(sub)
     return ap
 
 
@@ -242,7 +203,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         debug_file = open_debug_trace(args.root, config.debug_log_file)
         configure_logging(json=None if args.log_format == "auto" else args.log_format == "json",
                           level="debug", also=debug_file)
-    get_logger("cli").info("config.loaded", root=str(args.root), **config.loggable())
+    log = get_logger("cli")
+    log.info("config.loaded", root=str(args.root), mode=args.mode, **config.loggable())
+    mode = check_mode(args.mode, config, os.environ)
     node = args.seams.node(args.root)
     try:
         if args.dry_run:
@@ -253,9 +216,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_OK if proceed else EXIT_FAILED  # 1: `run` would refuse the reload
         from .lifecycle.runner import run_lifecycle
 
-        return run_lifecycle(node, config, once=args.once, die=args.seams.die)
+        return run_lifecycle(node, config, once=args.once, die=args.seams.die, mode=mode)
     finally:
         node.close()
+
+
+BUILD_VARIABLES = ("NVIDIA_NIC_DRIVER_PATH", "NVIDIA_NIC_DRIVERS_INVENTORY_PATH",
+                   "DTK_OCP_DRIVER_BUILD", "APPEND_DRIVER_BUILD_FLAGS")
+
+
+def check_mode(name: str, config: Config, env: Mapping[str, str]) -> Mode:
+    """The image's mode against the variables: `sources` needs its source tree; in
+    `precompiled` the build variables are said (once) to have no effect."""
+    from .provision.plan import Mode
+
+    log = get_logger("cli")
+    mode = Mode(name)
+    if mode is Mode.SOURCES and not config.driver_path:
+        raise UsageError("`run sources` needs NVIDIA_NIC_DRIVER_PATH: the driver's source tree "
+                         "(the directory holding install.pl), e.g. /root/MLNX_OFED_SRC-"
+                         f"{config.driver_version or '25.07-0.9.7'}")
+    if mode is Mode.PRECOMPILED:
+        set_here = [v for v in BUILD_VARIABLES if env.get(v, "").strip() not in ("", "false")]
+        if set_here:
+            log.warning("config.not_applicable", variables=set_here, mode=name,
+                        why="the driver is in the image: nothing is built",
+                        next="use `run sources` to build it (the image's command)")
+    if env.get("BIND_DELAY_SEC", "").strip():
+        log.info("config.no_effect", variable="BIND_DELAY_SEC",
+                 why="VF binds wait for each probe and udev event, never a fixed sleep")
+    return mode
+
+
+def cmd_dtk_build(args: argparse.Namespace) -> int:
+    from .provision.sidecar import run_sidecar
+
+    tools = args.seams.tools(args.root)
+    return run_sidecar(tools.paths, os.environ, tools.commands)
 
 
 def open_debug_trace(root: Path, node_path: str) -> TextIO:
@@ -316,60 +313,18 @@ def cmd_peermem(args: argparse.Namespace) -> int:
                       wait_gpu=args.wait_gpu_driver or config.peermem_wait_gpu_driver)
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
-    from .sim import node, run
-    from .sim.client import KernelClient, is_simulated
-
-    if args.sim_command == "init":
-        sc = node.init_node(args.scenario, args.root, force=args.force)
-        nvf = sum(len(p.vfs) for p in sc.pfs)
-        print(f"node {sc.name} ready at {args.root.resolve()}: {len(sc.pfs)} PF(s), {nvf} VF(s), "
-              f"driver {sc.loaded_version} loaded, {sc.installed_version} installed")
-        return EXIT_OK
-    if args.sim_command in ("state", "stop", "set-vf", "set") and not is_simulated(args.root):
-        raise UsageError(f"{args.root} is not a simulated node (make one with `mofed-lifecycle "
-                         "sim init SCENARIO --root DIR`)")
-    if args.sim_command == "state":
-        with KernelClient(args.root) as k:
-            print(json.dumps(k.call("state"), indent=2))
-        return EXIT_OK
-    if args.sim_command == "stop":
-        print("stopped" if node.stop_kernel(args.root) else "no kernel process was running")
-        return EXIT_OK
-    if args.sim_command in ("set-vf", "set"):
-        from .sim.admin import AdminError, AdminRefused, set_node, set_vf
-
-        try:
-            done = (set_vf(args.root, args.pf_pci, args.vf_index, args.settings)
-                    if args.sim_command == "set-vf" else set_node(args.root, args.what))
-        except AdminError as e:
-            raise UsageError(str(e)) from None
-        except AdminRefused as e:
-            print(f"mofed-lifecycle: {e}", file=sys.stderr)
-            return EXIT_FAILED
-        print(json.dumps(done))
-        return EXIT_OK
-    result = run.run_scenario(args.scenario, root=args.root, keep=args.keep)
-    print(run.format_timeline(result))
-    if args.report:
-        args.report.write_text(json.dumps(result.report, indent=2) + "\n")
-        print(f"report written to {args.report}")
-    if args.keep or args.root:
-        print(f"node kept at {result.root}")
-    return EXIT_OK if result.report["outcome"] == "ready" else EXIT_FAILED
-
-
 def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.seams = seams or Seams()
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(json=fmt, level=args.log_level)
+    from .cli_sim import cmd_sim
     from .sim.node import NodeExists
     from .sim.scenario import ScenarioError
 
     handlers = {"run": cmd_run, "peermem": cmd_peermem, "config": cmd_config, "sim": cmd_sim,
-                "probe": cmd_probe, "status": cmd_status}
+                "probe": cmd_probe, "status": cmd_status, "dtk-build": cmd_dtk_build}
     try:
         return handlers[args.command](args)
     except (ConfigError, ScenarioError, NodeExists, UsageError) as e:

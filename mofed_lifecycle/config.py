@@ -17,143 +17,33 @@ Rules common to every variable:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from pathlib import PurePosixPath
 from typing import Any
 
-TRUE_WORDS = ("true", "1", "yes")
-FALSE_WORDS = ("false", "0", "no")
-MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,55}$")  # the kernel's MODULE_NAME_LEN is 56
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~:-]{0,63}$")
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+from .config_values import (  # noqa: F401 - some re-exported: callers parse with them
+    parse_abs_path,
+    parse_blacklist_modules,
+    parse_bool,
+    parse_build_flags,
+    parse_count,
+    parse_modprobe_conf,
+    parse_module_params,
+    parse_optional_abs_path,
+    parse_prom_path,
+    parse_refused_secret,
+    parse_refused_true,
+    parse_seconds,
+    parse_space_modules,
+    parse_text,
+    parse_udev_rules_path,
+    parse_version,
+    seconds_in,
+)
 
 
 class ConfigError(ValueError):
     """A bad environment variable: the message names it, its value and what is accepted."""
-
-
-# ---- value parsers: text -> typed value, or ValueError("what is accepted") ----------------------
-
-
-def parse_bool(text: str) -> bool:
-    word = text.lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ValueError("expected a boolean: true/false, 1/0 or yes/no (any case)")
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("expected a number of seconds, 0 or more (e.g. 4 or 0.5)") from None
-    if not (value >= 0 and value != float("inf")):
-        raise ValueError("expected a number of seconds, 0 or more (e.g. 4 or 0.5)")
-    return value
-
-
-def seconds_in(lo: float, hi: float) -> Callable[[str], float]:
-    """A parser of seconds within [lo, hi]: a sane range checked at start, so that no value can
-    overflow a timer or busy-loop a thread later (9999999 s, 1e300 s, 1e-9 s are refused)."""
-    def parse(text: str) -> float:
-        value = parse_seconds(text)
-        if not lo <= value <= hi:
-            raise ValueError(f"expected seconds from {lo:g} to {hi:g}, got {text}")
-        return value
-
-    return parse
-
-
-def parse_count(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
-        raise ValueError("expected a whole number from 1 to 100")
-    return int(text)
-
-
-def _module_list(sep: str, what: str) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n for n in (p.strip() for p in text.split(sep)) if n)
-        bad = next((n for n in names if not MODULE_NAME_RE.match(n)), None)
-        if bad is not None:
-            raise ValueError(f"expected {what} kernel module names (letters, digits, _ and -); "
-                             f"{bad!r} is not one")
-        return tuple(n.replace("-", "_") for n in names)
-
-    return parse
-
-
-parse_space_modules = _module_list(" ", "space-separated")
-_colon_modules = _module_list(":", "colon-separated")
-
-
-def parse_blacklist_modules(text: str) -> tuple[str, ...]:
-    """The modules blacklisted around the reload: never empty (without a blacklist the host's udev
-    loads its own mlx5_core while openibd has the stack unloaded, and the VFs are lost)."""
-    names = _colon_modules(text)
-    if not names:
-        raise ValueError("expected at least one module (mlx5_core first): an empty blacklist lets "
-                         "the host reload its own driver in the middle of the swap")
-    return names
-
-
-def parse_abs_path(text: str) -> str:
-    p = PurePosixPath(text)
-    if not p.is_absolute() or CONTROL_RE.search(text):
-        raise ValueError("expected an absolute path (starting with /)")
-    if ".." in p.parts:
-        raise ValueError("expected an absolute path without '..'")
-    return str(p)
-
-
-def parse_optional_abs_path(text: str) -> str:
-    return parse_abs_path(text) if text else ""
-
-
-def parse_modprobe_conf(text: str) -> str:
-    path = parse_abs_path(text)
-    if not path.endswith(".conf"):
-        raise ValueError("expected an absolute path ending in .conf (modprobe ignores other files "
-                         "in modprobe.d), e.g. /host/etc/modprobe.d/blacklist-ofed-modules.conf")
-    return path
-
-
-def parse_version(text: str) -> str:
-    if not VERSION_RE.match(text):
-        raise ValueError("expected a driver version such as 25.07-0.9.7 (letters, digits, . _ + ~ "
-                         ": -; at most 64 characters)")
-    return text
-
-
-def parse_prom_path(text: str) -> str:
-    if not text:
-        return ""
-    path = parse_abs_path(text)
-    if not path.endswith(".prom"):
-        raise ValueError("expected an absolute path ending in .prom (node_exporter's textfile "
-                         "collector reads only *.prom), or empty to turn metrics off")
-    return path
-
-
-MODULE_PARAM_RE = re.compile(r"^[A-Za-z0-9_]{1,64}=[^\s\x00-\x1f\x7f;&|`$<>]*$")
-
-
-def parse_module_params(text: str) -> tuple[str, ...]:
-    params = tuple(text.split())
-    bad = next((p for p in params if not MODULE_PARAM_RE.match(p)), None)
-    if bad is not None:
-        raise ValueError(f"expected space-separated module parameters name=value; {bad!r} is "
-                         "not one")
-    return params
-
-
-def parse_text(text: str) -> str:
-    if CONTROL_RE.search(text):
-        raise ValueError("expected printable text on one line (no control characters)")
-    return text
 
 
 # ---- the table -----------------------------------------------------------------------------------
@@ -181,11 +71,14 @@ SPECS: tuple[Spec, ...] = (
     Spec("NVIDIA_NIC_DRIVER_VER", "driver_version", parse_version, None,
          "driver version: build cache key and DTK flag name (only `run` needs it)"),
     Spec("NVIDIA_NIC_DRIVER_PATH", "driver_path", parse_optional_abs_path, "",
-         "driver source tree (sources mode)", empty_is_value=True),
+         "`run sources`: the driver's source tree (the directory holding install.pl); required "
+         "in that mode", empty_is_value=True),
     Spec("NVIDIA_NIC_CONTAINER_VER", "container_version", parse_text, "",
          "container version, logged", empty_is_value=True),
     Spec("NVIDIA_NIC_DRIVERS_INVENTORY_PATH", "inventory_path", parse_optional_abs_path, "",
-         "build cache root", empty_is_value=True),
+         "`run sources`: the build cache (`<kernel>/<version>` with `.checksum` and "
+         "`.buildconfig`); a matching entry is installed without building, others' are "
+         "cleaned; empty: every start builds", empty_is_value=True),
     Spec("ENABLE_NFSRDMA", "enable_nfsrdma", parse_bool, "false",
          "also compare nvme_rdma and rpcrdma srcversions; `modprobe rpcrdma` after the load"),
     Spec("UNLOAD_STORAGE_MODULES", "unload_storage_modules", parse_bool, "false",
@@ -209,19 +102,35 @@ SPECS: tuple[Spec, ...] = (
          "modprobe.d lazily (at most every 3 s), and until it has, the host's udev may load its "
          "own driver by alias while the stack is unloaded; 0: no wait"),
     Spec("CREATE_IFNAMES_UDEV", "create_ifnames_udev", parse_bool, "false",
-         "install the short-name udev rule (the operator injects true)"),
+         "true (the operator injects it): a stale MLX_UDEV_RULES_FILE is removed at start and "
+         "stop, and the rule keeping the inbox driver's short names (no `npN` suffix) is "
+         "written when the node's ConnectX netdevs have them"),
     Spec("RESTORE_DRIVER_ON_POD_TERMINATION", "restore_driver_on_termination", parse_bool, "false",
          "on stop, put the inbox driver back (`mlnxofedctl --alt-mods force-restart`)"),
     Spec("BIND_DELAY_SEC", "bind_delay_s", seconds_in(0, 600), "4",
-         "today's fixed sleep per bind; kept as an upper bound for the bind-rebind fallback"),
-    Spec("USE_DKMS", "use_dkms", parse_bool, "false", "runtime DKMS"),
+         "accepted for compatibility, and has no effect: today's fixed sleep per bind is "
+         "replaced by waiting for each VF's probe and udev event (VF_RESTORE_TIMEOUT_SEC bounds "
+         "it)"),
+    Spec("USE_DKMS", "use_dkms", parse_refused_true, "false",
+         "refused when true: runtime DKMS is not implemented (`run sources` builds with "
+         "install.pl into the inventory, which a restart reuses)"),
     Spec("DTK_OCP_DRIVER_BUILD", "dtk_ocp_driver_build", parse_bool, "false",
-         "OpenShift: hand the build to the driver-toolkit sidecar"),
+         "`run sources` on OpenShift: hand the build to the driver-toolkit sidecar "
+         "(`mofed-lifecycle dtk-build`, or upstream's) through DTK_OCP_NIC_SHARED_DIR"),
     Spec("DTK_OCP_NIC_SHARED_DIR", "dtk_shared_dir", parse_abs_path,
          "/mnt/shared-nvidia-nic-driver-toolkit",
          "DTK shared directory (`/<sanitised kernel>` is appended)"),
-    Spec("APPEND_DRIVER_BUILD_FLAGS", "append_driver_build_flags", parse_text, "",
-         "extra driver build flags", empty_is_value=True),
+    Spec("DTK_BUILD_TIMEOUT_SEC", "dtk_build_timeout_s", seconds_in(1, 86400), "2400",
+         "`run sources` with DTK: the longest wait for the sidecar's done flag (noticed by "
+         "inotify at once); a sidecar that stops beating is reported within its heartbeat"),
+    Spec("APPEND_DRIVER_BUILD_FLAGS", "append_driver_build_flags", parse_build_flags, "",
+         "extra install.pl flags (shell words), part of the build cache's fingerprint",
+         empty_is_value=True),
+    Spec("BUILD_TIMEOUT_SEC", "build_timeout_s", seconds_in(1, 86400), "3600",
+         "one driver build (install.pl) may take this long before it is killed (its log is "
+         "kept, its tail is in the error)"),
+    Spec("BUILD_PROGRESS_SEC", "build_progress_s", seconds_in(0.05, 30), "30",
+         "seconds between progress lines of a running build (or DTK wait)"),
     Spec("ENTRYPOINT_DEBUG", "entrypoint_debug", parse_bool, "false",
          "keep a debug trace, and sleep before exiting on failure"),
     Spec("DEBUG_LOG_FILE", "debug_log_file", parse_abs_path, "/tmp/entrypoint_debug_cmds.log",
@@ -235,9 +144,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("MLX_DRIVERS_MOUNT", "drivers_mount", parse_abs_path, "/run/mellanox/drivers",
          "the drivers mount shared with the host (journal and status live here)"),
     Spec("SHARED_KERNEL_HEADERS_DIR", "shared_kernel_headers_dir", parse_abs_path,
-         "/run/mellanox/drivers/usr/src", "where /usr/src (ofa_kernel headers) is shared"),
-    Spec("MLX_UDEV_RULES_FILE", "udev_rules_file", parse_abs_path,
-         "/host/etc/udev/rules.d/77-mlnx-net-names.rules", "the short-name udev rule"),
+         "/usr/src/", "the headers (ofa_kernel) the GPU side builds nvidia-peermem against: "
+         "bind-mounted at MLX_DRIVERS_MOUNT + this path; a stale mount there is made again at "
+         "start, and it is unmounted on stop"),
+    Spec("MLX_UDEV_RULES_FILE", "udev_rules_file", parse_udev_rules_path,
+         "/host/etc/udev/rules.d/77-mlnx-net-names.rules",
+         "the short-name udev rule CREATE_IFNAMES_UDEV writes (the host's rules.d as mounted)"),
     # mofed-lifecycle's own settings (not in today's container): bounds on waits and retries.
     Spec("OPENIBD_TIMEOUT_SEC", "openibd_timeout_s", seconds_in(0.01, 14400), "600",
          "one `openibd restart` may take this long before it is killed and retried"),
@@ -286,8 +198,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("PEERMEM_RECHECK_SEC", "peermem_recheck_s", seconds_in(0.01, 3600), "10",
          "peermem: the longest pause between re-checks of what inotify cannot see (modules, "
          "/proc/kallsyms) while waiting; rechecks back off from 0.1 s to this"),
-    Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", str, "",
-         "Ubuntu Pro token (a secret: never logged)", empty_is_value=True, secret=True),
+    Spec("UBUNTU_PRO_TOKEN", "ubuntu_pro_token", parse_refused_secret, "",
+         "refused when set: attaching Ubuntu Pro (upstream, to fetch ESM kernel headers) is not "
+         "implemented; put the headers in the image (never logged)", empty_is_value=True,
+         secret=True),
 )
 
 
@@ -314,7 +228,10 @@ class Config:
     use_dkms: bool
     dtk_ocp_driver_build: bool
     dtk_shared_dir: str
+    dtk_build_timeout_s: float
     append_driver_build_flags: str
+    build_timeout_s: float
+    build_progress_s: float
     entrypoint_debug: bool
     debug_log_file: str
     debug_sleep_on_exit_s: float

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mofed_lifecycle.peermem.inotify import FileWatcher  # noqa: E402
+from mofed_lifecycle.host.inotify import FileWatcher  # noqa: E402
 from mofed_lifecycle.sim.node import init_node, stop_kernel  # noqa: E402
 from mofed_lifecycle.sim.run import run_scenario  # noqa: E402
 

@@ -124,7 +124,7 @@ def test_reload_brings_the_installed_driver_removes_the_blacklist_and_sets_the_m
     assert "openibd.loaded" in kernel_events(root)
     assert journal_states(root)[-3:] == ["mount-headers", "ready", "serve"]
     transitions = [e for e in events(r.stderr) if e["event"] == "state.entered"]
-    assert all("elapsed_s" in e for e in transitions) and len(transitions) == 14
+    assert all("elapsed_s" in e for e in transitions) and len(transitions) == 15
 
 
 def test_matching_driver_is_not_reloaded_and_no_vf_is_touched(make_node):
@@ -289,8 +289,9 @@ def test_sigterm_with_restore_on_termination_puts_the_inbox_driver_back(tiny):
 
 # ---- resume after SIGKILL at every state boundary ------------------------------------------------
 
-BOUNDARIES = ["lock", "inspect", "decide", "snapshot", "preflight", "blacklist", "unload-aux",
-              "reload", "reload-aux", "unblacklist", "restore", "mount-headers", "ready", "serve"]
+BOUNDARIES = ["lock", "provision", "inspect", "decide", "snapshot", "preflight", "blacklist",
+              "unload-aux", "reload", "reload-aux", "unblacklist", "restore", "mount-headers",
+              "ready", "serve"]
 
 
 @pytest.mark.parametrize("state", BOUNDARIES)
@@ -354,7 +355,7 @@ def test_sim_run_restart_without_reload_is_ready_and_touches_nothing(tmp_path):
     before, after = doc["state_before"], doc["state_after"]
     assert after["modules"] == before["modules"] and after["pfs"] == before["pfs"]
     names = [p["name"] for p in doc["phases"]]
-    assert names[:3] == ["lock", "inspect", "decide"] and "reload" not in names
+    assert names[:4] == ["lock", "provision", "inspect", "decide"] and "reload" not in names
     print(f"restart-no-reload: ready in {doc['duration_s']:.3f}s (acceptance: under 1 s)")
 
 

@@ -16,8 +16,8 @@ from mofed_lifecycle.lifecycle.machine import (
     next_state,
 )
 
-HAPPY_RELOAD = [State.LOCK, State.INSPECT, State.DECIDE, State.PREFLIGHT, State.SNAPSHOT,
-                State.BLACKLIST, State.UNLOAD_AUX, State.RELOAD, State.RELOAD_AUX,
+HAPPY_RELOAD = [State.LOCK, State.PROVISION, State.INSPECT, State.DECIDE, State.PREFLIGHT,
+                State.SNAPSHOT, State.BLACKLIST, State.UNLOAD_AUX, State.RELOAD, State.RELOAD_AUX,
                 State.UNBLACKLIST, State.RESTORE, State.MOUNT_HEADERS, State.READY, State.SERVE]
 
 
@@ -35,20 +35,23 @@ def walk(outcomes: list[Outcome], stop_at: int | None = None) -> list[State]:
 
 
 def test_the_reload_path_visits_every_step_in_order():
-    outcomes = [Outcome.OK, Outcome.OK, Outcome.RELOAD] + [Outcome.OK] * 10
+    outcomes = [Outcome.OK, Outcome.OK, Outcome.OK, Outcome.RELOAD] + [Outcome.OK] * 10
     assert walk(outcomes)[:len(HAPPY_RELOAD)] == HAPPY_RELOAD
 
 
 def test_no_reload_goes_from_decide_straight_to_restore_and_ready():
-    path = walk([Outcome.OK, Outcome.OK, Outcome.NO_RELOAD, Outcome.OK, Outcome.OK, Outcome.OK])
-    assert path == [State.LOCK, State.INSPECT, State.DECIDE, State.RESTORE, State.MOUNT_HEADERS,
-                    State.READY, State.SERVE]
+    path = walk([Outcome.OK, Outcome.OK, Outcome.OK, Outcome.NO_RELOAD, Outcome.OK, Outcome.OK,
+                 Outcome.OK])
+    assert path == [State.LOCK, State.PROVISION, State.INSPECT, State.DECIDE, State.RESTORE,
+                    State.MOUNT_HEADERS, State.READY, State.SERVE]
     assert not set(path) & CRITICAL
 
 
 def test_a_refusal_touches_nothing_keeps_no_snapshot_and_rechecks():
-    path = walk([Outcome.OK, Outcome.OK, Outcome.RELOAD, Outcome.REFUSED, Outcome.RETRY])
-    assert path[-3:] == [State.PREFLIGHT, State.REFUSED, State.INSPECT]
+    path = walk([Outcome.OK, Outcome.OK, Outcome.OK, Outcome.RELOAD, Outcome.REFUSED,
+                 Outcome.RETRY])
+    # the re-check starts again from provision (a no-op once the driver is installed)
+    assert path[-3:] == [State.PREFLIGHT, State.REFUSED, State.PROVISION]
     assert not set(path) & (CRITICAL | {State.SNAPSHOT})
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mofed_lifecycle.config import load_config
+from mofed_lifecycle.host.inotify import FileWatcher
 from mofed_lifecycle.peermem.checks import (
     Facts,
     Kind,
@@ -31,7 +32,6 @@ from mofed_lifecycle.peermem.checks import (
     parse_modversions,
     parse_symvers,
 )
-from mofed_lifecycle.peermem.inotify import FileWatcher
 from mofed_lifecycle.peermem.presence import LoaderPresence, loader_watching
 from mofed_lifecycle.sim.peermem_ko import ko_text, peer_crc, symvers_rel
 from mofed_lifecycle.sim.run import run_scenario

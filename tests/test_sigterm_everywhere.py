@@ -33,9 +33,9 @@ from .test_no_harm import vf_fields
 
 MIXED = SCENARIOS / "mixed-4pf.toml"
 TRIALS = 1  # per point here; scripts/bench_sigterm.py runs 10
-POINTS = ["lock", "inspect", "decide", "preflight", "snapshot", "blacklist", "unload-aux",
-          "openibd.restart", "reload", "reload-aux", "unblacklist", "restore", "mount-headers",
-          "ready", "serve"]
+POINTS = ["lock", "provision", "inspect", "decide", "preflight", "snapshot", "blacklist",
+          "unload-aux", "openibd.restart", "reload", "reload-aux", "unblacklist", "restore",
+          "mount-headers", "ready", "serve"]
 ENV = {"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7", "OPENIBD_TIMEOUT_SEC": "5",
        "VF_RESTORE_TIMEOUT_SEC": "5", "TOOL_TIMEOUT_SEC": "2"}
 BUDGET = stop_budget_s(load_config(ENV))

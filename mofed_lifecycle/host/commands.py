@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from ..log import get_logger
@@ -137,3 +138,88 @@ class Commands:
         """Run `argv` under `timeout_s`; CommandTimeout when it overran (killed), OSError when it
         could not be started. Logged as `command.finished` / `command.timeout`."""
         return run_command(argv, timeout_s=timeout_s, env=self.env, what=what)
+
+    def run_logged(self, argv: Sequence[str], *, log_path: Path, timeout_s: float,
+                   stop: threading.Event, progress_s: float, what: str,
+                   cwd: Path | None = None, env: Mapping[str, str] | None = None) -> int:
+        """A long command (a driver build): its output goes to `log_path` (kept), a progress
+        line is logged every `progress_s` with the log's last line, `stop` (SIGTERM) kills it.
+        Returns its exit code; CommandTimeout at `timeout_s`, CommandStopped on `stop`."""
+        return run_logged(argv, log_path=log_path, timeout_s=timeout_s, stop=stop,
+                          progress_s=progress_s, what=what, cwd=cwd,
+                          env={**self.env, **(env or {})})
+
+
+class CommandStopped(RuntimeError):
+    """A long command was stopped (and killed) because the daemon is stopping."""
+
+
+TERM_GRACE_S = 5.0  # a stopped build gets SIGTERM, then SIGKILL after this
+STOP_TICK_S = 0.05  # how soon a finished build is seen
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][-200:] if lines else ""
+
+
+def _end_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):  # what is left of the group (make's children)
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=DRAIN_S)
+
+
+def run_logged(argv: Sequence[str], *, log_path: Path, timeout_s: float, stop: threading.Event,
+               progress_s: float, what: str, cwd: Path | None = None,
+               env: Mapping[str, str] | None = None) -> int:
+    """See `Commands.run_logged`."""
+    log = get_logger("command")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    log.info("command.started", argv=list(argv), timeout_s=timeout_s, what=what,
+             output=str(log_path))
+    with log_path.open("wb") as out:
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - argument list, never a shell
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe work only
+            )
+        except OSError as e:
+            log.error("command.not_started", argv=list(argv), error=e.strerror,
+                      hint=f"is {argv[0]} there and executable?")
+            raise
+    deadline, next_progress = start + timeout_s, start + progress_s
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now >= deadline:
+            _end_group(proc, 0.0)
+            log.error("command.timeout", argv=list(argv), timeout_s=timeout_s,
+                      output=str(log_path), last_line=_last_line(log_path))
+            raise CommandTimeout(f"{what}: {' '.join(argv[:1])} did not finish within "
+                                 f"{timeout_s:g}s")
+        if now >= next_progress:
+            next_progress += progress_s
+            log.info("command.progress", what=what, elapsed_s=round(now - start, 1),
+                     last_line=_last_line(log_path), output=str(log_path))
+        # the stop request is an event; the process's exit is looked at every STOP_TICK_S
+        if stop.wait(min(STOP_TICK_S, deadline - now, next_progress - now)):
+            _end_group(proc, TERM_GRACE_S)
+            log.warning("command.stopped", argv=list(argv), what=what,
+                        elapsed_s=round(time.monotonic() - start, 3), output=str(log_path))
+            raise CommandStopped(f"{what}: stopped after {time.monotonic() - start:.1f}s")
+    rc = proc.returncode
+    log.info("command.finished", argv=list(argv), rc=rc,
+             duration_s=round(time.monotonic() - start, 3), output=str(log_path),
+             last_line=_last_line(log_path))
+    return rc

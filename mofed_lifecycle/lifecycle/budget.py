@@ -78,6 +78,9 @@ def state_budget_s(state: str | None, config: Config) -> float | None:
         return config.peermem_unload_wait_s + MARGIN_S
     if state == State.MOUNT_HEADERS:
         return config.tool_timeout_s + COMMAND_OVERRUN_S + MARGIN_S
+    if state == State.PROVISION:  # a build (here or by the DTK sidecar), then the install
+        return (max(config.build_timeout_s, config.dtk_build_timeout_s) + 2 * (
+            config.tool_timeout_s + COMMAND_OVERRUN_S) + MARGIN_S)
     return STEP_BUDGET_S
 
 

@@ -59,6 +59,8 @@ class Facts(TypedDict, total=False):
     restored_vfs: list[str]  # PCI addresses restored from it already
     snapshot: dict[str, Any]  # its summary (pfs, vfs, taken_at)
     restore: dict[str, Any] | None  # this run's restore summary
+    # `run sources`: how the driver got here (mode, cache_hit, builds, kernel, fingerprint...)
+    provision: dict[str, Any]
 
 
 def valid_journal(doc: Any) -> bool | str:

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 class State(StrEnum):
     LOCK = "lock"
+    PROVISION = "provision"  # `run sources`: the driver built (or taken from the cache), installed
     INSPECT = "inspect"
     DECIDE = "decide"
     SNAPSHOT = "snapshot"
@@ -46,7 +47,9 @@ S, Oc = State, Outcome
 
 # state -> {outcome -> next state}. Anything not listed is a bug in the runner, not a node problem.
 TRANSITIONS: dict[State, dict[Outcome, State]] = {
-    S.LOCK: {Oc.OK: S.INSPECT, Oc.FAILED: S.STOPPED},
+    S.LOCK: {Oc.OK: S.PROVISION, Oc.FAILED: S.STOPPED},
+    # before anything is read or decided: what modinfo reports is the driver provisioned here
+    S.PROVISION: {Oc.OK: S.INSPECT, Oc.FAILED: S.FAILED},
     S.INSPECT: {Oc.OK: S.DECIDE, Oc.FAILED: S.FAILED},
     # preflight before the snapshot: the snapshot is taken at the last moment before the node is
     # touched, and a refused reload keeps none (settings changed while refused are never reverted)
@@ -63,8 +66,8 @@ TRANSITIONS: dict[State, dict[Outcome, State]] = {
     S.MOUNT_HEADERS: {Oc.OK: S.READY, Oc.FAILED: S.FAILED},
     S.READY: {Oc.OK: S.SERVE, Oc.FAILED: S.FAILED},
     S.SERVE: {Oc.STOP: S.STOPPING},
-    S.REFUSED: {Oc.RETRY: S.INSPECT},
-    S.FAILED: {Oc.RETRY: S.INSPECT},
+    S.REFUSED: {Oc.RETRY: S.PROVISION},
+    S.FAILED: {Oc.RETRY: S.PROVISION},
     S.STOPPING: {Oc.OK: S.STOPPED, Oc.FAILED: S.STOPPED},
     S.STOPPED: {},
 }

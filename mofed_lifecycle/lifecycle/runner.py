@@ -22,9 +22,12 @@ from ..config import Config
 from ..config_paths import check_written_paths
 from ..host.commands import CommandTimeout
 from ..host.files import InstanceLock, LockHeld, remove_file
+from ..host.headers_mount import HeadersMount
 from ..host.modules import ModuleCommandError, read_module_facts
 from ..host.node import Node
+from ..host.udev_rules import install_rule, remove_stale_rule
 from ..log import Transitions, get_logger
+from ..provision.plan import BuildSpec, Mode
 from ..signals import StopSignals
 from .blacklist import remove_blacklist
 from .decide import Decision
@@ -54,8 +57,15 @@ class Runner:
     `steps.STEPS`, the journal, the lock and signals."""
 
     def __init__(self, node: Node, config: Config, *, once: bool = False,
-                 die: Callable[[], None] = sigkill_self) -> None:
+                 die: Callable[[], None] = sigkill_self, mode: Mode = Mode.PRECOMPILED) -> None:
         self.node, self.config, self.once, self.die = node, config, once, die
+        self.mode = mode
+        self.provisioned: BuildSpec | None = None  # installed by this process (sources mode)
+        self.headers = HeadersMount(node.paths, node.commands, drivers_mount=config.drivers_mount,
+                                    source=config.shared_kernel_headers_dir,
+                                    timeout_s=config.tool_timeout_s)
+        self.headers_mounted = False  # by this process (one found at start is stale)
+        self.udev_rule = node.paths.resolve(config.udev_rules_file)
         self.log = get_logger("lifecycle")
         self.pid = os.getpid()
         p = node.paths
@@ -178,6 +188,10 @@ class Runner:
                              why="a file without mofed-lifecycle's header is at the blacklist "
                                  "path: left alone (it is kept, with our lines added, during a "
                                  "reload)")
+        if self.headers.mounted():  # a killed predecessor's: its content may be stale
+            self.headers.unmount("stale: left by a previous run; made again before ready")
+        if self.config.create_ifnames_udev:
+            install_rule(self.node.paths, self.udev_rule)
         # `restore` is this run's summary (status shows this run's VF counts, not a past run's)
         self.journal.set(blacklist_written=False, last_error=None, reloaded_this_run=False,
                          restore=None)
@@ -217,6 +231,9 @@ class Runner:
         if state is State.STOPPING:
             self.clear_marker("stopping")
             restore_inbox_driver(self)
+            self.headers.unmount("stopping: the host keeps no mount into this container")
+            if self.config.create_ifnames_udev:
+                remove_stale_rule(self.udev_rule)
             return Outcome.OK
         try:
             return STEPS[state](self)
@@ -278,8 +295,8 @@ def install_signal_handlers(runner: Runner) -> StopSignals:
 
 
 def run_lifecycle(node: Node, config: Config, *, once: bool,
-                  die: Callable[[], None] = sigkill_self) -> int:
-    runner = Runner(node, config, once=once, die=die)
+                  die: Callable[[], None] = sigkill_self, mode: Mode = Mode.PRECOMPILED) -> int:
+    runner = Runner(node, config, once=once, die=die, mode=mode)
     signals = install_signal_handlers(runner)
     started = time.monotonic()
     try:

@@ -34,6 +34,7 @@ from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
 from .errors import StepFailed
 from .machine import Outcome, State
 from .preflight import plan
+from .steps_provision import preload_host_dependencies, step_provision
 from .steps_restore import pending_snapshot, restore_vfs, step_restore
 
 if TYPE_CHECKING:
@@ -165,6 +166,10 @@ def step_reload(r: Runner) -> Outcome:
     openibd = str(r.node.paths.resolve("/etc/init.d/openibd"))
     attempts = r.config.openibd_attempts
     try:
+        preload_host_dependencies(r, ToolDeadline(r.config))
+    except (BudgetSpent, CommandTimeout, OSError) as e:  # never a reason not to reload
+        r.log.warning("dependency.preload_skipped", error=str(e))
+    try:
         for attempt in Retrying(stop=stop_after_attempt(attempts), wait=wait_fixed(1),
                                 retry=retry_if_exception_type((OpenibdFailed, CommandTimeout)),
                                 sleep=r.sleep):
@@ -258,17 +263,8 @@ def step_unblacklist(r: Runner) -> Outcome:
     return Outcome.OK
 
 def step_mount_headers(r: Runner) -> Outcome:
-    target = r.node.paths.resolve(r.config.shared_kernel_headers_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    if target.is_mount():
-        return Outcome.OK
-    res = r.node.commands.run(["mount", "--rbind", "/usr/src", str(target)],
-                              timeout_s=r.config.tool_timeout_s,
-                              what="share the kernel headers with the GPU side")
-    if not res.ok:  # the NIC driver is ready regardless; the GPU side needs them to build peermem
-        r.log.error("headers.mount_failed", target=str(target), stderr=res.stderr.strip(),
-                       next="nvidia-peermem cannot be built on this node until /usr/src is "
-                            f"shared at {target}")
+    # the NIC driver is ready regardless; the GPU side needs them to build peermem (logged)
+    r.headers_mounted = r.headers.mount(mounted_by_us=r.headers_mounted)
     return Outcome.OK
 
 def step_ready(r: Runner) -> Outcome:
@@ -339,6 +335,7 @@ Step = Callable[["Runner"], Outcome]
 # Every state that does work on the node, and its step (the waits, serve/refused/failed, and
 # stopping are the runner's own: runner.perform).
 STEPS: dict[State, Step] = {
+    State.PROVISION: step_provision,
     State.INSPECT: step_inspect, State.DECIDE: step_decide, State.PREFLIGHT: step_preflight,
     State.SNAPSHOT: step_snapshot, State.BLACKLIST: step_blacklist,
     State.UNLOAD_AUX: step_unload_aux, State.RELOAD: step_reload, State.RELOAD_AUX: step_reload_aux,

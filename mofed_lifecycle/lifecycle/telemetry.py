@@ -21,6 +21,7 @@ from .machine import State
 
 DOING = {
     State.LOCK: "holding the node lock",
+    State.PROVISION: "building or installing the driver (sources mode)",
     State.INSPECT: "reading loaded and installed srcversions",
     State.DECIDE: "deciding whether to reload the driver",
     State.SNAPSHOT: "saving SR-IOV state",

@@ -22,8 +22,9 @@ STACK = ("mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs")  # live before nvidia-p
 
 REBUILD_NEXT = ("rebuild nvidia-peermem against the NIC driver that is loaded now: restart the GPU "
                 "driver pod (or rerun its build) once the NIC driver is ready, with the NIC "
-                "driver's headers visible (SHARED_KERNEL_HEADERS_DIR: usr/src/ofa_kernel); the "
-                "loader keeps watching and loads the new build when it appears")
+                "driver's headers visible (/run/mellanox/drivers/usr/src/ofa_kernel: "
+                "MLX_DRIVERS_MOUNT + SHARED_KERNEL_HEADERS_DIR); the loader keeps watching and "
+                "loads the new build when it appears")
 
 
 class Kind(StrEnum):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..host.commands import Commands
+from ..host.headers_mount import headers_target
 from ..host.modules import loaded_srcversions
 from ..host.paths import NodePaths
 from .checks import (
@@ -95,8 +96,10 @@ def kernel_release(paths: NodePaths) -> str:
 def symvers(paths: NodePaths, config: Config, kernel: str) -> tuple[dict[str, str] | None,
                                                                     str | None]:
     """The peer symbols' CRCs in the NIC driver's `ofa_kernel/<arch>/<kernel>/Module.symvers`
-    under SHARED_KERNEL_HEADERS_DIR (this machine's arch first), and its node path."""
-    base = paths.resolve(config.shared_kernel_headers_dir) / "ofa_kernel"
+    as the NIC driver container shares them (MLX_DRIVERS_MOUNT + SHARED_KERNEL_HEADERS_DIR: the
+    GPU side sees that mount) (this machine's arch first), and its node path."""
+    target = headers_target(config.drivers_mount, config.shared_kernel_headers_dir)
+    base = paths.resolve(target) / "ofa_kernel"
     found = sorted(base.glob(f"*/{kernel}/Module.symvers"),
                    key=lambda p: p.parent.parent.name != platform.machine())
     for path in found:

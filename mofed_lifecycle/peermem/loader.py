@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import Config
 from ..host.commands import CommandTimeout
+from ..host.inotify import FileWatcher
 from ..host.node import Tools
 from ..log import get_logger
 from ..metrics import PeermemMetrics, peermem_textfile
@@ -39,7 +40,6 @@ from .checks import (
     evaluate_stack,
     fingerprint,
 )
-from .inotify import FileWatcher
 from .presence import LoaderPresence, presence_path
 
 EXIT_OK, EXIT_FAILED = 0, 1

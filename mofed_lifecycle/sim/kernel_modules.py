@@ -51,10 +51,15 @@ class ModulesMixin:
                 return holds
         return deps_for(version, name)
 
-    def installed(self: SimKernel, name: str) -> bool:
+    def installed(self: SimKernel, name: str, host_tree: bool = False) -> bool:
+        """Whether `modprobe NAME` finds it. Where the driver is built on the node ([build]
+        sources, dtk), the driver's modules are there once its packages are installed."""
         extra = {n for n, _ in self.sc.extra_modules}
-        return name in STACK_DEPS or name in AUX_DEPS or name in extra or (
-            name == "nvidia_peermem" and self.sc.gpu is not None)
+        known = name in STACK_DEPS or name in AUX_DEPS or name in extra
+        if known and self.sc.build.builds and not host_tree:
+            return (self.root / "lib/modules" / self.sc.kernel / "updates" /
+                    f"{name}.ko").is_file()
+        return known or (name == "nvidia_peermem" and self.sc.gpu is not None)
 
     def blacklisted(self: SimKernel, *, by_udev: bool = False) -> set[str]:
         """Modules named by a `blacklist` line in any etc/modprobe.d/*.conf of the node.
@@ -94,7 +99,7 @@ class ModulesMixin:
         name = canon(name)
         if name in self.st.modules:
             return []
-        if not self.installed(name):
+        if not self.installed(name, host_tree):
             raise KernelError(errno.ENOENT, f"Module {name} not found in directory "
                               f"/lib/modules/{self.sc.kernel}")
         if use_blacklist and name in self.blacklisted():
@@ -253,6 +258,10 @@ class ModulesMixin:
         """The second half: load the installed stack (`alt`: the host's), bring the PFs back."""
         version = self.sc.loaded_version if alt else self.sc.installed_version
         srcversion = self.sc.host_srcversion if alt else self.sc.installed_srcversion
+        if not alt and not self.installed("mlx5_core"):
+            raise KernelError(errno.ENOENT, "FATAL: Module mlx5_core not found in directory "
+                              f"/lib/modules/{self.sc.kernel} (the driver's packages are not "
+                              "installed)")
         for m in sorted(stack_modules(version), key=lambda m: m != "mlx5_core"):
             have = self.st.modules.get(m)
             if have and have.srcversion != srcversion(m):

@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from .build import build_env, render_build
 from .client import PKG_PARENT, is_simulated
 from .model import initial_state, save_state
 from .scenario import Scenario
@@ -122,6 +123,7 @@ def _build(sc: Scenario, scenario_path: Path, root: Path) -> None:
     for tool in TOOLS:
         _install_tool(simdir / "bin" / tool, tool, root)
     _install_tool(root / "etc/init.d/openibd", "openibd", root)
+    render_build(root, sc, {**build_env(sc), **sc.env}, tool_script("install.pl", root))
 
 
 def ensure_tools(root: Path) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config
+from ..host.inotify import FileWatcher
 from ..host.paths import NodePaths
-from ..peermem.inotify import FileWatcher
 from .client import KernelClient
 from .scenario import Scenario
 

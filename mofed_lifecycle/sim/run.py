@@ -28,6 +28,8 @@ import psutil
 from ..config import load_config
 from ..host.paths import NodePaths
 from ..lifecycle.journal import journal_dir
+from .build import build_env
+from .build_run import DtkSidecar, build_report
 from .client import KernelClient, clean_env
 from .floor import probe_floor
 from .node import init_node, stop_kernel
@@ -64,6 +66,7 @@ def lifecycle_env(sc: Scenario) -> dict[str, str]:
     # the node's udev sees a blacklist after [udev] blacklist_lag_s (scaled): an operator of a
     # node this much faster would set the settle to match (the default, 3 s, is a real node's)
     env.setdefault("BLACKLIST_SETTLE_SEC", f"{max(0.001, 1.5 * sc.scaled(sc.blacklist_lag_s)):.4g}")
+    env.update(build_env(sc))  # [build] sources/dtk: the variables of a sources image
     env.update(sc.env)
     return env
 
@@ -71,7 +74,8 @@ def lifecycle_env(sc: Scenario) -> dict[str, str]:
 def lifecycle_timeout_s(sc: Scenario, env: dict[str, str]) -> float:
     config = load_config(env, require_driver_version=False)
     swap = sc.scaled(sc.openibd_restart_s) * (sc.openibd_failures + 1)
-    return 60.0 + min(swap, config.openibd_timeout_s * config.openibd_attempts) * 1.5
+    build = sc.scaled(sc.build.build_s + sc.build.dtk_sidecar_start_s) if sc.build.builds else 0
+    return 60.0 + (min(swap, config.openibd_timeout_s * config.openibd_attempts) + build) * 1.5
 
 
 @dataclass
@@ -121,7 +125,8 @@ def run_lifecycle(root: Path, sc: Scenario, *, env_overrides: dict[str, str] | N
     env = {**lifecycle_env(sc), **(env_overrides or {})}
     timeout = lifecycle_timeout_s(sc, env)
     mocked = umockdev_env(root, env)
-    argv = [sys.executable, "-m", "mofed_lifecycle.cli", "--log-format", "json", "run",
+    mode = ["sources"] if sc.build.builds else []  # the sources image's command
+    argv = [sys.executable, "-m", "mofed_lifecycle.cli", "--log-format", "json", "run", *mode,
             "--root", str(root), "--once", *(extra_args or [])]
     log = (root / ".sim" / "lifecycle.log").open("ab")
     start = time.monotonic()
@@ -230,6 +235,8 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
         else Path(root)
     sc = init_node(scenario, root, force=not own_root)
     gpu: GpuSide | None = None
+    sidecar: DtkSidecar | None = None
+    sidecar_exit: int | None = None
     try:
         with KernelClient(root) as k:
             state_before = k.call("state")
@@ -237,10 +244,15 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
             kernel_cpu = cpu_seconds(kernel_pid)
             peermem_loads = k.call("peermem")["loads"]
             start = time.time()
+            env = {**lifecycle_env(sc), **(env_overrides or {})}
             if sc.gpu is not None:  # the GPU side's loader, started at [gpu] peermem_start_s
-                gpu = GpuSide(root, sc, {**lifecycle_env(sc), **(env_overrides or {})}, start)
+                gpu = GpuSide(root, sc, env, start)
+            if sc.build.mode == "dtk":  # the pod's second container, started a little later
+                sidecar = DtkSidecar(root, sc, env)
             ran = run_lifecycle(root, sc, env_overrides=env_overrides, extra_args=extra_args)
             end = time.time()
+            sidecar_exit = sidecar.stop() if sidecar is not None else None
+            sidecar = None
             if gpu is not None:
                 gpu.finish(k, lifecycle_ok=ran.code == 0)
             kernel_cpu_end = cpu_seconds(kernel_pid)
@@ -262,6 +274,7 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
                                                         or facts.get("last_error")),
             "phases": phases_since(journal, start, end),
             "duration_s": round(end - start, 4),
+            **build_report(root, sc, facts, env, sidecar_exit),
             **restore_figures(sc, timeline, state_before, state_after),
             "daemon": {"cpu_s": ran.cpu_s, "max_rss_mib": ran.max_rss_mib, "udev": ran.udev,
                        "argv": ran.argv},
@@ -278,6 +291,8 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
     finally:
         if gpu is not None:
             gpu.finish(None, lifecycle_ok=False)  # never leave a loader behind
+        if sidecar is not None:
+            sidecar.stop()
         stop_kernel(root)
         if own_root and not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -187,6 +187,21 @@ class PfSpec:
 
 
 @dataclass(frozen=True)
+class BuildSpec:
+    """[build] (contract version 2): how the driver gets onto the node."""
+
+    mode: str = "precompiled"  # "precompiled" | "sources" | "dtk"
+    build_s: float = 300.0  # one build's duration (unscaled)
+    build_failures: int = 0  # the first N builds fail
+    cache: str = "cold"  # "cold" | "warm": a matching build is in the inventory already
+    dtk_sidecar_start_s: float = 5.0  # when the DTK sidecar starts watching (unscaled)
+
+    @property
+    def builds(self) -> bool:
+        return self.mode != "precompiled"
+
+
+@dataclass(frozen=True)
 class GpuSpec:
     peermem_start_s: float = 0.0
     peermem_ko: str = "matching"  # matching | stub | stale
@@ -220,6 +235,7 @@ class Scenario:
     # [udev] blacklist_lag_s: a blacklist younger than this (scaled) is not yet seen by udev
     blacklist_lag_s: float = 2.0
     host: HostSpec = field(default_factory=HostSpec)
+    build: BuildSpec = field(default_factory=BuildSpec)
     hanging_loads: frozenset[str] = frozenset()  # extra modules whose `modprobe` never returns
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from .scenario import NAME_RE, FwSpec, HostSpec, ScenarioError
+from .scenario import NAME_RE, BuildSpec, FwSpec, HostSpec, ScenarioError
 
 IOMMU_MODES = ("passthrough", "translated", "off")
 HOST_KEYS = frozenset({"iommu", "gpus", "default_route", "uplink_addresses"})
@@ -76,3 +76,35 @@ def parse_fw(where: str, raw: Any, numvfs: int, totalvfs: int) -> FwSpec:
                             f"{now if sriov else 0} VFs (num_of_vfs, sriov_en)")
     return FwSpec(num_of_vfs=now, sriov_en=sriov, next_boot_num_of_vfs=_int(
         where, "next_boot_num_of_vfs", raw.get("next_boot_num_of_vfs", now), 0, FW_MAX_VFS))
+
+
+BUILD_KEYS = frozenset({"mode", "build_s", "build_failures", "cache", "dtk_sidecar_start_s"})
+BUILD_MODES = ("precompiled", "sources", "dtk")
+
+
+def _seconds(where: str, key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 86400:
+        raise ScenarioError(f"{where}.{key}: expected seconds from 0 to 86400, got {v!r}")
+    return float(v)
+
+
+def parse_build(where: str, raw: Any) -> BuildSpec:
+    """[build]: the driver container's mode, a build's duration and failures, the cache."""
+    if raw is None:
+        return BuildSpec()
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: expected a table, got {type(raw).__name__}")
+    _unknown(where, raw, BUILD_KEYS, "[build]")
+    mode = raw.get("mode", "precompiled")
+    if mode not in BUILD_MODES:
+        raise ScenarioError(f"{where}.mode: expected one of {', '.join(BUILD_MODES)}, got "
+                            f"{mode!r}")
+    cache = raw.get("cache", "cold")
+    if cache not in ("cold", "warm"):
+        raise ScenarioError(f"{where}.cache: expected \"cold\" or \"warm\", got {cache!r}")
+    return BuildSpec(mode=mode, build_s=_seconds(where, "build_s", raw.get("build_s", 300)),
+                     build_failures=_int(where, "build_failures", raw.get("build_failures", 0),
+                                         0, 1000),
+                     cache=cache,
+                     dtk_sidecar_start_s=_seconds(where, "dtk_sidecar_start_s",
+                                                  raw.get("dtk_sidecar_start_s", 5)))

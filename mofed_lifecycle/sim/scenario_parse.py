@@ -31,7 +31,7 @@ from .scenario import (
     derived_mac,
     vf_pci,
 )
-from .scenario_host import parse_fw, parse_host
+from .scenario_host import parse_build, parse_fw, parse_host
 
 
 class _Reader:
@@ -62,8 +62,7 @@ class _Reader:
 
 
 # Every key the contract defines, per table: anything else is a misspelling, refused by name.
-# ([build] is the contract's version-2 addition accepted here so that scenarios written to it
-# load (the provisioning issue implements it); [host] and fw: scenario_host.py.)
+# ([host], [build] and fw: scenario_host.py.)
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"node", "driver", "env", "udev", "pf", "gpu", "host", "build"}),
     "node": frozenset({"name", "kernel", "time_scale", "seed"}),
@@ -367,6 +366,7 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
         pfs=pfs,
         gpu=gpu,
         host=parse_host(f"{where}: [host]", data.get("host")),
+        build=parse_build(f"{where}: [build]", data.get("build")),
         source=data,
     )
 

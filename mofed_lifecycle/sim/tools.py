@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -23,7 +24,8 @@ from .errors import SimKernelError
 if TYPE_CHECKING:
     from .client import KernelClient
 
-TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount")
+TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount", "umount", "dpkg",
+         "rpm", "depmod", "gcc", "make")
 
 
 class Killed(BaseException):
@@ -215,21 +217,98 @@ def mlnxofedctl(root: Path, argv: list[str]) -> int:
     return 2
 
 
+def _node_path(root: Path, path: str) -> str:
+    """A path the daemon passed (under the node root) as the node sees it."""
+    p = Path(path).resolve()
+    try:
+        return "/" + str(p.relative_to(root.resolve())).lstrip(".")
+    except ValueError:
+        return path
+
+
+MOUNTINFO = "proc/self/mountinfo"
+
+
 def mount(root: Path, argv: list[str]) -> int:
     """`mount --rbind SRC TARGET`: a simulated node mounts nothing; the bind is recorded in
-    `.sim/mounts` (one "SRC TARGET" line each), so that a run can be checked for it."""
+    `.sim/mounts` (one "SRC TARGET" line each) and in `/proc/self/mountinfo` (node paths), so
+    that a run can be checked for it and the daemon sees the mount point."""
     args = [a for a in argv if not a.startswith("-")]
     if "--rbind" not in argv or len(args) != 2:
         print("mount: the simulated node only knows `mount --rbind SRC TARGET`", file=err())
         return 1
     with (root / ".sim" / "mounts").open("a") as f:
         f.write(f"{args[0]} {args[1]}\n")
+    info = root / MOUNTINFO
+    info.parent.mkdir(parents=True, exist_ok=True)
+    n = len(info.read_text().splitlines()) if info.exists() else 0
+    with info.open("a") as f:
+        f.write(f"{100 + n} 1 0:42 {_node_path(root, args[0])} {_node_path(root, args[1])} rw "
+                "shared:1 - none none rw\n")
     return 0
 
 
+def umount(root: Path, argv: list[str]) -> int:
+    """`umount [-l] [-R] TARGET`: drop TARGET's mounts (and, -R, those below) from mountinfo."""
+    args = [a for a in argv if not a.startswith("-")]
+    if len(args) != 1:
+        print("umount: the simulated node only knows `umount [-l] [-R] TARGET`", file=err())
+        return 1
+    target = _node_path(root, args[0])
+    info = root / MOUNTINFO
+    lines = info.read_text().splitlines() if info.exists() else []
+
+    def under(f: list[str]) -> bool:
+        return len(f) > 4 and (f[4] == target or ("-R" in argv and
+                                                  f[4].startswith(target.rstrip("/") + "/")))
+
+    kept = [line for line in lines if not under(line.split())]
+    if len(kept) == len(lines):
+        print(f"umount: {args[0]}: not mounted.", file=err())
+        return 32
+    info.write_text("".join(line + "\n" for line in kept))
+    return 0
+
+
+Tool = Callable[[Path, list[str]], int]
+
+
+def packages(tool: str) -> Tool:
+    def run(root: Path, argv: list[str]) -> int:
+        from .build import install_packages
+
+        return install_packages(root, tool, argv, out(), err())
+
+    return run
+
+
+def depmod(root: Path, argv: list[str]) -> int:
+    print("depmod (simulated): modules.dep is the packages' own", file=out())
+    return 0
+
+
+def compiler(tool: str) -> Tool:
+    def run(root: Path, argv: list[str]) -> int:
+        print(f"{tool} (simulated) 12.2.0" if "--version" in argv else
+              f"{tool} (simulated): nothing is compiled on a simulated node", file=out())
+        return 0
+
+    return run
+
+
+def install_pl(root: Path, argv: list[str]) -> int:
+    from .build import install_pl as build
+    from .scenario_parse import load_scenario
+
+    sc = load_scenario(root / ".sim" / "scenario.toml")
+    return build(root, sc, sys.argv[0], argv, out(), err(), pause)
+
+
 def main(tool: str, root: str, argv: list[str] | None = None) -> int:
-    fn = {"modinfo": modinfo, "modprobe": modprobe, "rmmod": rmmod, "lsmod": lsmod,
-          "openibd": openibd, "mlnxofedctl": mlnxofedctl, "mount": mount}[tool]
+    fn: Tool = {"modinfo": modinfo, "modprobe": modprobe, "rmmod": rmmod, "lsmod": lsmod,
+          "openibd": openibd, "mlnxofedctl": mlnxofedctl, "mount": mount, "umount": umount,
+          "dpkg": packages("dpkg"), "rpm": packages("rpm"), "depmod": depmod,
+          "gcc": compiler("gcc"), "make": compiler("make"), "install.pl": install_pl}[tool]
     try:
         return fn(Path(root), sys.argv[1:] if argv is None else argv)
     except (OSError, TimeoutError) as e:

@@ -56,6 +56,45 @@ def _unlink(path: Path | str) -> None:
         pass
 
 
+def installed_modules(sc: Scenario) -> list[str]:
+    """The modules the driver's packages install (and the host's tree holds copies of)."""
+    return [*STACK_DEPS, *AUX_DEPS, *(n for n, _ in sc.extra_modules)]
+
+
+def ko_text(kernel: str, rel: str, name: str, version: str, srcversion: str,
+            deps: tuple[str, ...]) -> str:
+    """A simulated `.ko` at /lib/modules/<kernel>/<rel>: what modinfo and modprobe read."""
+    lines = [
+        "# simulated kernel module: read by the simulated modinfo/modprobe",
+        f"name={name}",
+        f"filename=/lib/modules/{kernel}/{rel}",
+        f"depends={','.join(deps)}",
+        f"vermagic={kernel} SMP preempt mod_unload modversions",
+    ]
+    if srcversion:  # an unversioned build: `modinfo -F srcversion` prints nothing
+        lines.append(f"srcversion={srcversion}")
+    if version != "inbox":
+        lines.append(f"version={version}")
+    return "\n".join(lines) + "\n"
+
+
+def driver_module_files(sc: Scenario) -> dict[str, str]:
+    """Node path -> content of every file the installed driver puts under /lib/modules (its
+    modules in updates/, and modules.dep): what `sim init` renders for a precompiled image, and
+    what the built packages install."""
+    base = f"/lib/modules/{sc.kernel}"
+    out: dict[str, str] = {}
+    dep_lines = []
+    for m in installed_modules(sc):
+        deps = deps_for(sc.installed_version, m)
+        rel = f"updates/{m}.ko"
+        out[f"{base}/{rel}"] = ko_text(sc.kernel, rel, m, sc.installed_version,
+                                       sc.installed_srcversion(m), deps)
+        dep_lines.append(f"{rel}: " + " ".join(f"updates/{d}.ko" for d in deps))
+    out[f"{base}/modules.dep"] = "\n".join(dep_lines) + "\n"
+    return out
+
+
 class Tree:
     """The files of one simulated node."""
 
@@ -85,35 +124,24 @@ class Tree:
         render_host(self.root, self.sc, PCI_PARENT)  # [host]: IOMMU mode, GPUs
 
     def render_module_files(self) -> None:
-        """The installed (container) modules under updates/ and the host's copies under kernel/."""
+        """The installed (container) modules under updates/ and the host's copies under kernel/.
+        Where the driver is built on the node ([build] sources, dtk), updates/ is empty until
+        its packages are installed (sim/build.py writes them then)."""
         sc = self.sc
         mods = self.root / "lib/modules" / sc.kernel
-        installed = [*STACK_DEPS, *AUX_DEPS, *(n for n, _ in sc.extra_modules)]
-        dep_lines = []
-        for m in installed:
-            deps = deps_for(sc.installed_version, m)
-            rel = f"updates/{m}.ko"
-            self._ko(mods / rel, m, sc.installed_version, sc.installed_srcversion(m), deps)
-            dep_lines.append(f"{rel}: " + " ".join(f"updates/{d}.ko" for d in deps))
-            host_deps = deps_for(sc.loaded_version, m)
+        for m in installed_modules(sc):
             self._ko(mods / f"kernel/{m}.ko", m, sc.loaded_version, sc.host_srcversion(m),
-                     host_deps)
-        _write(mods / "modules.dep", "\n".join(dep_lines) + "\n")
+                     deps_for(sc.loaded_version, m))
+        if sc.build.builds:
+            _write(mods / "modules.dep", "")
+            return
+        for rel, text in driver_module_files(sc).items():
+            _write(self.root / rel.lstrip("/"), text)
 
     def _ko(self, path: Path, name: str, version: str, srcversion: str,
             deps: tuple[str, ...]) -> None:
-        lines = [
-            "# simulated kernel module: read by the simulated modinfo/modprobe",
-            f"name={name}",
-            f"filename=/lib/modules/{self.sc.kernel}/{path.parent.name}/{path.name}",
-            f"depends={','.join(deps)}",
-            f"vermagic={self.sc.kernel} SMP preempt mod_unload modversions",
-        ]
-        if srcversion:  # an unversioned build: `modinfo -F srcversion` prints nothing
-            lines.append(f"srcversion={srcversion}")
-        if version != "inbox":
-            lines.append(f"version={version}")
-        _write(path, "\n".join(lines) + "\n")
+        _write(path, ko_text(self.sc.kernel, f"{path.parent.name}/{path.name}", name, version,
+                             srcversion, deps))
 
     def render_all(self, st: KernelState) -> None:
         """Everything, from scratch: used at init and to repair after a crash mid-update."""

@@ -1,0 +1,1 @@
+"""Putting the driver onto the node: precompiled, built here (sources), or by the DTK sidecar."""
