@@ -205,6 +205,9 @@ def wait_for_build(shared: Path, spec: BuildSpec, *, timeout_s: float, heartbeat
                 noticed = time.time()
                 log.info("dtk.build_done", flag=str(done),
                          waited_s=round(time.monotonic() - start, 3))
+                if not said_upstream and not look_at_sidecar(shared).beating:
+                    log.info("dtk.no_heartbeat", why="the sidecar wrote no heartbeat: an "
+                             "upstream one (only the done flag and the deadline counted)")
                 return noticed
             if stop.is_set():
                 raise DtkStopped("stopped while the DTK sidecar builds")
