@@ -211,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             from .lifecycle.dry_run import dry_run
 
-            proceed, text = dry_run(node, config)
+            proceed, text = dry_run(node, config, mode)
             print(text)
             return EXIT_OK if proceed else EXIT_FAILED  # 1: `run` would refuse the reload
         from .lifecycle.runner import run_lifecycle

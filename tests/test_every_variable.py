@@ -309,13 +309,55 @@ def test_peermem_waits_for_the_gpu_driver_where_told_to(make_node):
     assert lifecycle(root, "--once").returncode == 0
     marker = "/run/test/gpu-ready"
     env = {"PEERMEM_WAIT_GPU_DRIVER": "true", "GPU_DRIVER_READY_PATH": marker}
-    r = _peermem(root, "--once", "--timeout", "1", env=env)
+    r = _peermem(root, "--once", "--timeout", "0.3", env=env)
     assert r.returncode == 1 and "the GPU driver's readiness marker and the nvidia module" in \
         r.stderr.splitlines()[-1]
     (root / marker.lstrip("/")).parent.mkdir(parents=True)
     (root / marker.lstrip("/")).write_text("")
-    r = _peermem(root, "--once", "--timeout", "1", env=env)
+    r = _peermem(root, "--once", "--timeout", "0.3", env=env)
     assert r.returncode == 1 and "the nvidia module missing" in r.stderr.splitlines()[-1]
     assert "readiness marker" not in r.stderr.splitlines()[-1]
     r = _peermem(root, "--once", "--timeout", "20", env={})  # not told to: loads
     assert r.returncode == 0 and "nvidia_peermem" in k.call("state")["modules"]
+
+
+PRELOAD = """
+[node]
+name = "preload"
+time_scale = 0.01
+seed = 22
+[driver]
+loaded_version = "24.10-1.1.4"
+installed_version = "25.07-0.9.7"
+openibd_restart_s = 5
+extra_modules = [ { name = "psample" } ]
+[udev]
+netdev_delay_s = 0.2
+rename = false
+[[pf]]
+pci = "0000:08:00.0"
+name = "enp8s0f0np0"
+numvfs = 1
+"""
+
+
+def test_the_installed_drivers_inbox_dependencies_are_preloaded_from_the_host_before_a_reload(
+        make_node):
+    """psample is the host's (kernel/, not the driver's updates/) and the new mlx5_core needs it:
+    it is loaded with `modprobe -d /host` before openibd, as upstream does."""
+    from .test_no_harm import sim
+
+    root, k = make_node(PRELOAD)
+    kernel = "5.15.0-generic"
+    (root / f"lib/modules/{kernel}/updates/psample.ko").unlink()
+    core = root / f"lib/modules/{kernel}/updates/mlx5_core.ko"
+    core.write_text(core.read_text().replace("depends=", "depends=psample,", 1))
+    assert sim("set", "--root", str(root), "module-unload", "psample").returncode == 0
+    assert "psample" not in k.call("state")["modules"]
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    pre = next(e for e in events(r.stderr) if e["event"] == "dependency.preloaded")
+    assert pre["module"] == "psample" and pre["tree"] == str(root / "host")
+    assert k.call("state")["modules"]["psample"]["srcversion"]  # loaded, from the host's tree
+    order = [e["event"] for e in events(r.stderr)]
+    assert order.index("dependency.preloaded") < order.index("openibd.restart")

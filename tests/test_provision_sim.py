@@ -374,3 +374,14 @@ def test_no_sidecar_at_all_is_an_error_at_the_dtk_deadline(make_node):
         p.name for p in sh.iterdir()}
     assert (sh / "MLNX_OFED_SRC-25.07-0.9.7" / "install.pl").is_file()
     assert (sh / "pylib" / "mofed_lifecycle" / "cli.py").is_file()
+
+
+def test_dry_run_in_sources_mode_says_whether_it_would_build_and_why(make_node):
+    root, _k = make_node(SOURCES)
+    r = lifecycle(root, "sources", "--dry-run", env=env_of(SOURCES))
+    assert r.returncode == 0 and r.stdout.startswith(
+        "provision: would build the driver here with install.pl: no entry for this kernel")
+    assert builds(root) == []  # nothing built, nothing installed
+    assert lifecycle(root, "sources", "--once", env=env_of(SOURCES)).returncode == 0
+    r = lifecycle(root, "sources", "--dry-run", env=env_of(SOURCES))
+    assert "(the cache matches: no build)" in r.stdout.splitlines()[0]
