@@ -205,3 +205,94 @@ def test_a_build_failure_reported_by_the_sidecar_ends_the_wait_with_its_tail(tmp
         wait_for_build(tmp_path, spec, timeout_s=10, heartbeat_s=1, progress_s=30,
                        stop=threading.Event())
     assert look_at_sidecar(tmp_path).beating is False
+
+
+# ---- the sidecar's entry point, as the DTK image would run it --------------------------------
+
+
+def _prepared(tmp_path: Path) -> Path:
+    from mofed_lifecycle.provision.dtk import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "install.pl").write_text("#!/bin/sh\nexit 0\n")
+    shared = tmp_path / "shared" / "5.14.0-427.el9"
+    prepare(shared, src, BuildSpec("5.14.0-427.el9", "25.07-0.9.7", "", False),
+            heartbeat_s=10, build_timeout_s=60)
+    return shared
+
+
+def _interpreter(tmp_path: Path, name: str) -> Path:
+    """A Python without this venv's site-packages: only what the launcher gives it (pylib/)."""
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    py = bindir / name
+    py.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    py.chmod(0o755)
+    return bindir
+
+
+def _tools(tmp_path: Path) -> Path:
+    """Only what the launcher needs besides Python (no python3 of this machine on PATH)."""
+    import shutil
+
+    tools = tmp_path / "tools"
+    tools.mkdir(exist_ok=True)
+    for name in ("dirname", "ln", "sh"):
+        (tools / name).symlink_to(shutil.which(name) or f"/bin/{name}")
+    return tools
+
+
+def test_the_sidecars_entry_point_runs_the_copied_package_on_a_bare_python(tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    shared = _prepared(tmp_path)
+    path = f"{_interpreter(tmp_path, 'python3.11')}:{_tools(tmp_path)}"
+    r = subprocess.run(["sh", str(shared / "entrypoint"), "--version"], capture_output=True,
+                       text=True, timeout=30, env={"PATH": path})
+    assert r.returncode == 0 and r.stdout.startswith("mofed-lifecycle "), r.stderr
+    # what the operator's sidecar runs: the script at the top of the volume finds this kernel's
+    # dtk.env, and `dtk-build` takes the start flag there (this host has no headers for that
+    # kernel: the build is refused by name, the sidecar stays up until SIGTERM)
+    side = subprocess.Popen(["sh", str(shared.parent / "dtk_nic_driver_build.sh")],
+                            env={"PATH": path}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    beat = shared / "dtk_heartbeat.json"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (
+            beat.exists() and json.loads(beat.read_text())["phase"] == "failed"):
+        time.sleep(0.02)  # polling a file under a deadline
+    side.send_signal(signal.SIGTERM)
+    _out, err = side.communicate(timeout=20)
+    assert side.returncode == 0, err[-2000:]
+    failed = json.loads((shared / "dtk_build_failed.json").read_text())
+    assert "the kernel headers for 5.14.0-427.el9" in failed["error"]
+    assert not (shared / "dtk_start_compile").exists()  # taken: the main container asks again
+
+
+def test_without_a_python_311_the_entry_point_asks_dnf_for_one_then_says_what_is_missing(
+        tmp_path):
+    import subprocess
+
+    shared = _prepared(tmp_path)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    py = _interpreter(tmp_path, "python3.11") / "python3.11"
+    dnf = stubs / "dnf"  # "installs" python3.11 onto PATH
+    dnf.write_text(f"#!/bin/sh\necho \"dnf $*\" >> {tmp_path}/dnf.log\nln -s {py} {stubs}/"
+                   "python3.11\n")
+    dnf.chmod(0o755)
+    env = {"PATH": f"{stubs}:{_tools(tmp_path)}"}
+    r = subprocess.run(["sh", str(shared / "entrypoint"), "--version"], capture_output=True,
+                       text=True, timeout=30, env=env)
+    assert r.returncode == 0 and (tmp_path / "dnf.log").read_text() == \
+        "dnf install -y python3.11\n", r.stderr
+    (stubs / "python3.11").unlink()
+    dnf.unlink()
+    r = subprocess.run(["sh", str(shared / "entrypoint"), "--version"], capture_output=True,
+                       text=True, timeout=30, env=env)
+    assert r.returncode == 1 and "no Python 3.11 or newer in this image" in r.stderr

@@ -62,17 +62,25 @@ exec "$here/entrypoint" dtk-build
 
 LAUNCHER = """#!/bin/sh
 # Written by mofed-lifecycle: runs `mofed-lifecycle ARGS` with the copy of the package beside it,
-# on the first Python 3.11+ of this image (MOFED_LIFECYCLE_PYTHON first).
+# on the first Python 3.11+ of this image (MOFED_LIFECYCLE_PYTHON first). The DTK image is RHEL's:
+# without one, python3.11 is installed with dnf, as the sidecar installs perl for install.pl.
 here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
-for py in "${MOFED_LIFECYCLE_PYTHON:-}" python3.13 python3.12 python3.11 python3; do
-    [ -n "$py" ] || continue
-    command -v "$py" >/dev/null 2>&1 || continue
-    "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || continue
-    PYTHONPATH="$here/pylib" exec "$py" -c \\
-        'import sys; from mofed_lifecycle.cli import main; sys.exit(main(sys.argv[1:]))' "$@"
-done
+run() {
+    for py in "${MOFED_LIFECYCLE_PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+        [ -n "$py" ] || continue
+        command -v "$py" >/dev/null 2>&1 || continue
+        "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || continue
+        PYTHONPATH="$here/pylib" exec "$py" -c \\
+            'import sys; from mofed_lifecycle.cli import main; sys.exit(main(sys.argv[1:]))' "$@"
+    done
+}
+run "$@"
+if command -v dnf >/dev/null 2>&1; then
+    echo "mofed-lifecycle: no Python 3.11 or newer here: dnf install -y python3.11" >&2
+    dnf install -y python3.11 >&2 && run "$@"
+fi
 echo "mofed-lifecycle: no Python 3.11 or newer in this image (tried MOFED_LIFECYCLE_PYTHON," \\
-     "python3.13, python3.12, python3.11, python3): install one (dnf install -y python3.11)" >&2
+     "python3.13, python3.12, python3.11, python3, and dnf): install one" >&2
 exit 1
 """
 
