@@ -78,7 +78,7 @@ def shared_dir(sc: Scenario, env: dict[str, str], root: Path) -> Path:
 
 
 def build_report(root: Path, sc: Scenario, facts: dict[str, Any], env: dict[str, str],
-                 sidecar_exit: int | None) -> dict[str, Any]:
+                 sidecar_exit: int | None, start: float) -> dict[str, Any]:
     """The report's provisioning keys (contract version 2)."""
     if not sc.build.builds:
         return {"provision": {"mode": "precompiled", "cache_hit": None, "builds": 0}}
@@ -91,6 +91,8 @@ def build_report(root: Path, sc: Scenario, facts: dict[str, Any], env: dict[str,
                       "builds": len(starts),
                       "failed_builds": sum(1 for r in rows if r["event"] == "build.fail")},
         "build_s": round(installed[-1] - starts[0], 4) if starts and installed else None,
+        "build_events": [{"t": round(r["t"] - start, 4), "event": r["event"]} for r in rows
+                         if r["t"] >= start],
     }
     if sc.build.mode == "dtk":
         flag = shared_dir(sc, env, root) / done_flag_name(sc.installed_version)
@@ -102,4 +104,7 @@ def build_report(root: Path, sc: Scenario, facts: dict[str, Any], env: dict[str,
         out["dtk_detect_s"] = (round(noticed - written, 4) if noticed is not None and
                                written is not None else None)
         out["dtk_sidecar"] = {"exit_code": sidecar_exit}
+        if noticed is not None and written is not None:
+            out["build_events"] += [{"t": round(written - start, 4), "event": "dtk.done_flag"},
+                                    {"t": round(noticed - start, 4), "event": "dtk.noticed"}]
     return out

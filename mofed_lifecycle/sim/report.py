@@ -205,12 +205,18 @@ def format_timeline(run: Any) -> str:
     rows = [(p["start_s"], f"state  {p['name']}") for p in r["phases"]]
     rows += [(t, f"kernel {text}") for t, text in grouped_events(run.timeline)]
     rows += [(t, f"gpu    {text}") for t, text in peermem_rows(r.get("peermem"))]
+    rows += [(e["t"], f"build  {e['event']}") for e in r.get("build_events") or []]
     for t, text in sorted(rows, key=lambda x: x[0]):
         lines.append(f"  {t:9.4f}s  {text}")
     lines.append(f"  outcome: {r['outcome']}  reloaded: {r['reloaded']}  exit code: "
                  f"{r['exit_code']}  took {r['duration_s']:.3f}s")
     if r["reason"]:
         lines.append(f"  reason: {r['reason']}")
+    if (p := r.get("provision")) and p["mode"] != "precompiled":
+        detect = f", dtk_detect_s {r['dtk_detect_s']}" if r.get("dtk_detect_s") is not None \
+            else ""
+        lines.append(f"  provision: {p['mode']}, cache_hit {p['cache_hit']}, builds {p['builds']}"
+                     f", build_s {r.get('build_s')}{detect}")
     lines += restore_lines(r)
     lines += peermem_lines(r.get("peermem"))
     if r["outcome"] != "ready" and run.log_tail:

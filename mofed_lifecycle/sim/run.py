@@ -67,6 +67,8 @@ def lifecycle_env(sc: Scenario) -> dict[str, str]:
     # node this much faster would set the settle to match (the default, 3 s, is a real node's)
     env.setdefault("BLACKLIST_SETTLE_SEC", f"{max(0.001, 1.5 * sc.scaled(sc.blacklist_lag_s)):.4g}")
     env.update(build_env(sc))  # [build] sources/dtk: the variables of a sources image
+    if sc.build.builds:  # a real node's 30 s between a build's progress lines, scaled
+        env.setdefault("BUILD_PROGRESS_SEC", f"{min(30.0, max(0.05, sc.scaled(30.0))):.4g}")
     env.update(sc.env)
     return env
 
@@ -274,7 +276,7 @@ def run_scenario(scenario: str | Path, *, root: Path | None = None, keep: bool =
                                                         or facts.get("last_error")),
             "phases": phases_since(journal, start, end),
             "duration_s": round(end - start, 4),
-            **build_report(root, sc, facts, env, sidecar_exit),
+            **build_report(root, sc, facts, env, sidecar_exit, start),
             **restore_figures(sc, timeline, state_before, state_after),
             "daemon": {"cpu_s": ran.cpu_s, "max_rss_mib": ran.max_rss_mib, "udev": ran.udev,
                        "argv": ran.argv},
