@@ -27,6 +27,7 @@ from .config_values import (  # noqa: F401 - some re-exported: callers parse wit
     parse_bool,
     parse_build_flags,
     parse_count,
+    parse_inventory_path,
     parse_modprobe_conf,
     parse_module_params,
     parse_optional_abs_path,
@@ -75,7 +76,7 @@ SPECS: tuple[Spec, ...] = (
          "in that mode", empty_is_value=True),
     Spec("NVIDIA_NIC_CONTAINER_VER", "container_version", parse_text, "",
          "container version, logged", empty_is_value=True),
-    Spec("NVIDIA_NIC_DRIVERS_INVENTORY_PATH", "inventory_path", parse_optional_abs_path, "",
+    Spec("NVIDIA_NIC_DRIVERS_INVENTORY_PATH", "inventory_path", parse_inventory_path, "",
          "`run sources`: the build cache (`<kernel>/<version>` with `.checksum` and "
          "`.buildconfig`); a matching entry is installed without building, others' are "
          "cleaned; empty: every start builds", empty_is_value=True),

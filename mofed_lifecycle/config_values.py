@@ -94,6 +94,26 @@ def parse_optional_abs_path(text: str) -> str:
     return parse_abs_path(text) if text else ""
 
 
+SYSTEM_DIRS = frozenset({"/", "/etc", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/boot", "/dev",
+                         "/home", "/mnt", "/opt", "/proc", "/root", "/run", "/srv", "/sys", "/tmp",
+                         "/var", "/var/opt", "/var/lib", "/host", "/run/mellanox",
+                         "/run/mellanox/drivers"})
+
+
+def parse_inventory_path(text: str) -> str:
+    """The build cache: a directory of its own (other kernels' entries in it are deleted)."""
+    if not text:
+        return ""
+    path = parse_abs_path(text)
+    inside_host = path.startswith("/host/") and path.count("/") <= 2
+    if path in SYSTEM_DIRS or inside_host or (path.startswith("/host/") and
+                                               path[len("/host"):] in SYSTEM_DIRS):
+        raise ValueError("a system directory: the build cache deletes other kernels' and "
+                         "versions' entries in it; use a directory of its own, e.g. "
+                         "/mnt/drivers-inventory (the operator's)")
+    return path
+
+
 def parse_modprobe_conf(text: str) -> str:
     path = parse_abs_path(text)
     if not path.endswith(".conf"):

@@ -24,6 +24,7 @@ from mofed_lifecycle.provision.plan import (
     rhel_distro,
     sanitise_kernel,
     stale_entries,
+    strip_kernel_flags,
 )
 
 SPEC = BuildSpec("5.15.0-91-generic", "25.07-0.9.7", "", False)
@@ -94,14 +95,18 @@ def test_dtk_env_carries_upstreams_variables_and_quotes_what_a_shell_would_split
     assert env["DTK_OCP_START_COMPILE_FLAG"] == "/mnt/shared/5.14.0-427.el9/dtk_start_compile"
     assert env["DTK_OCP_DONE_COMPILE_FLAG"].endswith("/dtk_done_compile_25_07_0_9_7")
     assert env["DTK_OCP_COMPILED_DRIVER_VER"] == env["NVIDIA_NIC_DRIVER_VER"] == "25.07-0.9.7"
-    assert env["APPEND_DRIVER_BUILD_FLAGS"] == flags and env["USE_DKMS"] == "false"
+    assert env["MOFED_LIFECYCLE_APPEND_FLAGS"] == flags and env["USE_DKMS"] == "false"
+    # an upstream sidecar builds with these alone: the kernel and distro are in them, as
+    # upstream's main container puts them; ours takes them out again
+    assert env["APPEND_DRIVER_BUILD_FLAGS"] == f"{flags} --kernel 5.14.0-427.el9 --distro rhel9"
+    assert strip_kernel_flags(env["APPEND_DRIVER_BUILD_FLAGS"]) == shlex.join(shlex.split(flags))
     # a real shell sourcing it gets the same value and runs nothing
     import subprocess
 
     env_file = tmp_path / "dtk.env"
     env_file.write_text(text)
     out = subprocess.run(["sh", "-c", f'. {shlex.quote(str(env_file))}; printf %s '
-                          '"$APPEND_DRIVER_BUILD_FLAGS"'], capture_output=True, text=True,
+                          '"$MOFED_LIFECYCLE_APPEND_FLAGS"'], capture_output=True, text=True,
                          timeout=10)
     assert out.stdout == flags and not Path("/tmp/pwned").exists()
 

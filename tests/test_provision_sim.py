@@ -333,8 +333,9 @@ UPSTREAM_LIKE_SIDECAR = """#!/bin/sh
 # build in MLNX_OFED_SRC-<version>, then the done flag; no heartbeat, no lock
 . "$1/dtk.env"
 while [ ! -f "$DTK_OCP_START_COMPILE_FLAG" ]; do sleep 0.1; done
+# shellcheck disable=SC2086 (upstream splits the flags, which carry --kernel K)
 "$DTK_OCP_NIC_SHARED_DIR/MLNX_OFED_SRC-$DTK_OCP_COMPILED_DRIVER_VER/install.pl" --build-only \\
-    --kernel-only --kernel "$MOFED_LIFECYCLE_DTK_KERNEL" || exit 1
+    --kernel-only $APPEND_DRIVER_BUILD_FLAGS || exit 1
 touch "$DTK_OCP_DONE_COMPILE_FLAG"
 rm "$DTK_OCP_START_COMPILE_FLAG"
 """
@@ -385,3 +386,80 @@ def test_dry_run_in_sources_mode_says_whether_it_would_build_and_why(make_node):
     assert lifecycle(root, "sources", "--once", env=env_of(SOURCES)).returncode == 0
     r = lifecycle(root, "sources", "--dry-run", env=env_of(SOURCES))
     assert "(the cache matches: no build)" in r.stdout.splitlines()[0]
+
+
+def test_a_sidecar_restarted_after_dying_takes_the_build_and_the_node_gets_ready(make_node):
+    text = variant("dtk", build_s=100)  # 1 s
+    root, k = make_node(text)
+    env = env_of(text, HEARTBEAT_INTERVAL_SEC="0.4")
+    side = sidecar(root, env)
+    main = lifecycle(root, "sources", env=env, wait=False)
+    try:
+        wait_for(lambda: beat_phase(root, text) == "building", "the sidecar to build")
+        side.kill()
+        side.communicate(timeout=10)
+        wait_for(lambda: "failed" in journal_states(root), "the death noticed", 20)
+        side = sidecar(root, env)  # kubelet restarts the container
+        wait_for(lambda: (root / MARKER).exists(), "ready after the restarted sidecar", 60)
+        main.send_signal(signal.SIGTERM)
+        _out, err = main.communicate(timeout=30)
+    finally:
+        main.kill()
+        side.send_signal(signal.SIGTERM)
+        side.communicate(timeout=30)
+    assert builds(root)[-1] == "build.end" and builds(root).count("build.end") == 1
+    assert installed_driver_loaded(k, text) and main.returncode == 0
+    died = [e for e in events(err) if e["event"] == "step.failed"]
+    assert len(died) == 1 and "died during the build" in died[0]["error"]  # reported once
+
+
+def test_a_main_container_restarted_mid_build_waits_for_the_build_under_way(make_node):
+    text = variant("dtk", build_s=100)
+    root, k = make_node(text)
+    env = env_of(text, HEARTBEAT_INTERVAL_SEC="0.4")
+    side = sidecar(root, env)
+    main = lifecycle(root, "sources", env=env, wait=False)
+    try:
+        wait_for(lambda: beat_phase(root, text) == "building", "the sidecar to build")
+        main.kill()  # the main container restarts; the sidecar builds on
+        main.communicate(timeout=10)
+        r = lifecycle(root, "sources", "--once", env=env)
+    finally:
+        main.kill()
+        side.send_signal(signal.SIGTERM)
+        side.communicate(timeout=30)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dtk.build_under_way" in [e["event"] for e in events(r.stderr)]
+    assert builds(root) == ["build.start", "build.end"]  # one build, never cut short
+    assert installed_driver_loaded(k, text)
+
+
+def test_a_failed_rebuild_keeps_a_marker_that_is_still_true(make_node):
+    """A new container whose build fails touched nothing: the marker of the driver loaded now
+    stays (a watching peermem loader keeps nvidia_peermem)."""
+    root, k = make_node(SOURCES)
+    assert lifecycle(root, "sources", "--once", env=env_of(SOURCES)).returncode == 0
+    marker = (root / MARKER).read_text()
+    new_container(root, SOURCES)
+    kernel = parse_scenario(SOURCES).kernel
+    (root / INVENTORY / kernel / "25.07-0.9.7.checksum").unlink()  # the cache must rebuild
+    (root / "lib/modules" / kernel / "build/Makefile").unlink()
+    (root / "lib/modules" / kernel / "build").rmdir()  # ...and cannot: no headers
+    r = lifecycle(root, "sources", "--once", env=env_of(SOURCES))
+    assert r.returncode == 1
+    assert "marker.kept" in [e["event"] for e in events(r.stderr)]
+    assert (root / MARKER).read_text() == marker and installed_driver_loaded(k, SOURCES)
+
+
+def test_the_cache_cleanup_deletes_only_what_looks_like_cache_entries(make_node):
+    root, _k = make_node(SOURCES)
+    inv = root / INVENTORY
+    (inv / "4.18.0-old").mkdir(parents=True)
+    (inv / "4.18.0-old" / "25.07-0.9.7.checksum").write_text("sha256:x\n")
+    (inv / "site-notes").mkdir()
+    (inv / "site-notes" / "README").write_text("not a cache entry\n")
+    r = lifecycle(root, "sources", "--once", env=env_of(SOURCES))
+    assert r.returncode == 0
+    assert not (inv / "4.18.0-old").exists() and (inv / "site-notes" / "README").exists()
+    left = next(e for e in events(r.stderr) if e["event"] == "inventory.not_ours")
+    assert left["left"] == ["site-notes"]

@@ -11,6 +11,7 @@ section (see machine.py); waits (serve, re-check) wake at once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -23,7 +24,7 @@ from ..config_paths import check_written_paths
 from ..host.commands import CommandTimeout
 from ..host.files import InstanceLock, LockHeld, remove_file
 from ..host.headers_mount import HeadersMount
-from ..host.modules import ModuleCommandError, read_module_facts
+from ..host.modules import ModuleCommandError, loaded_srcversions, read_module_facts
 from ..host.node import Node
 from ..host.udev_rules import install_rule, remove_stale_rule
 from ..log import Transitions, get_logger
@@ -65,6 +66,7 @@ class Runner:
                                     source=config.shared_kernel_headers_dir,
                                     timeout_s=config.tool_timeout_s)
         self.headers_mounted = False  # by this process (one found at start is stale)
+        self.failed_in: State | None = None  # the state whose step failed last
         self.udev_rule = node.paths.resolve(config.udev_rules_file)
         self.log = get_logger("lifecycle")
         self.pid = os.getpid()
@@ -226,7 +228,12 @@ class Runner:
         if state is State.SERVE:
             return self.serve()
         if state in (State.REFUSED, State.FAILED):
-            self.clear_marker(f"{state}: not ready")
+            if self.failed_in is State.PROVISION and self.marker_still_true():
+                self.log.info("marker.kept", path=str(self.marker_path),
+                              why="the build failed before anything on the node was touched, "
+                                  "and the loaded driver is still the one the marker names")
+            else:
+                self.clear_marker(f"{state}: not ready")
             return self.wait_to_retry(state)
         if state is State.STOPPING:
             self.clear_marker("stopping")
@@ -235,18 +242,32 @@ class Runner:
             if self.config.create_ifnames_udev:
                 remove_stale_rule(self.udev_rule)
             return Outcome.OK
+        if state is State.PROVISION:  # a new cycle
+            self.failed_in = None
         try:
             return STEPS[state](self)
         except (StepFailed, ModuleCommandError, CommandTimeout, OSError) as e:
             self.journal.set(last_error=f"{state}: {e}")
+            self.failed_in = state
             self.swap_failed = self.swap_failed or state in CRITICAL
             retry = ("--once: exiting 1" if self.once else
-                     f"retrying from inspect in {self.config.recheck_interval_s:g}s")
+                     f"retrying from provision in {self.config.recheck_interval_s:g}s")
             left = self.node_left(state)
             self.log.error("step.failed", state=str(state), error=str(e),
                            next=f"{left}; {retry}; fix the cause named in `error` (see the "
                                 "command output logged above)")
             return Outcome.FAILED
+
+    def marker_still_true(self) -> bool:
+        """The marker's srcversions are the loaded ones now (a watching peermem loader keeps
+        nvidia_peermem loaded while the marker stays)."""
+        try:
+            marker = json.loads(self.marker_path.read_text())
+            named = dict(marker["srcversions"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        loaded = loaded_srcversions(self.node.paths, list(named))
+        return bool(named) and all(loaded.get(m) == v for m, v in named.items())
 
     def clear_marker(self, why: str) -> None:
         if remove_file(self.marker_path):

@@ -25,6 +25,7 @@ from ..host.modules import (
     read_module_facts,
 )
 from ..peermem.presence import wait_for_peermem_unload
+from ..provision.plan import Mode
 from ..sriov.model import merge_pending
 from ..sriov.snapshot import save_snapshot, take_snapshot
 from ..sriov.validate import snapshot_problem
@@ -56,9 +57,12 @@ def step_inspect(r: Runner) -> Outcome:
     r.loaded = loaded_srcversions(r.node.paths, modules)
     r.installed = installed_srcversions(modules, r.node.commands, ToolDeadline(r.config).timeout)
     if not any(r.installed.get(m) for m in CORE):
+        hint = (" (this looks like a sources image, NVIDIA_NIC_DRIVER_PATH is set: its command "
+                "is `mofed-lifecycle run sources`)" if r.config.driver_path and
+                r.mode is Mode.PRECOMPILED else "")
         raise StepFailed("modinfo finds none of the installed driver's modules "
                          f"({', '.join(CORE)}): is the driver installed in this container "
-                         "and /lib/modules mounted?")
+                         f"and /lib/modules mounted?{hint}")
     return Outcome.OK
 
 def step_decide(r: Runner) -> Outcome:

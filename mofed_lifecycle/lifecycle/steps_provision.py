@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..host.commands import CommandStopped
 from ..host.modules import ModuleCommandError, modprobe, read_module_facts
-from ..provision.dtk import DtkStopped, done_for_this_build, prepare, shared_dir_for, wait_for_build
+from ..provision.dtk import (
+    DtkStopped,
+    build_under_way,
+    done_for_this_build,
+    prepare,
+    shared_dir_for,
+    wait_for_build,
+)
 from ..provision.inventory import (
     Inventory,
     ProvisionError,
@@ -38,7 +45,7 @@ if TYPE_CHECKING:
     from .runner import Runner
 
 # not ours to preload: what the driver's own packages install (updates/, mlnx-ofa_kernel)
-OWN_TREES = ("/updates/", "/extra/mlnx-ofa_kernel/")
+OWN_TREES = ("/updates/", "/weak-updates/", "/extra/mlnx-ofa_kernel/")
 
 
 def build_spec(r: Runner) -> BuildSpec:
@@ -69,8 +76,14 @@ def _provision(r: Runner, spec: BuildSpec) -> Outcome:
     family = package_family(paths)
     mode = "dtk" if c.dtk_ocp_driver_build else "sources"
     inv = Inventory(paths.resolve(c.inventory_path), spec) if c.inventory_path else None
-    if inv is not None and (removed := inv.clean()):
-        r.log.info("inventory.cleaned", removed=removed, kept=str(inv.entry))
+    if inv is not None:
+        removed, left = inv.clean()
+        if removed:
+            r.log.info("inventory.cleaned", removed=removed, kept=str(inv.entry))
+        if left:
+            r.log.warning("inventory.not_ours", left=left, root=str(inv.root),
+                          why="not shaped like a build cache's entries: left alone",
+                          next="check NVIDIA_NIC_DRIVERS_INVENTORY_PATH points at the cache")
     problem = inv.problem() if inv is not None else "NVIDIA_NIC_DRIVERS_INVENTORY_PATH is " \
         "empty: no build cache, every start builds"
     info: dict[str, Any] = dict(r.journal.facts.get("provision") or {})
@@ -89,7 +102,8 @@ def _provision(r: Runner, spec: BuildSpec) -> Outcome:
         packages = _build_dtk(r, spec, info) if mode == "dtk" else build_locally(
             paths, paths.resolve(c.driver_path), spec.kernel, spec.append_flags,
             r.node.commands, log_path=r.journal.dir / "build.log",
-            timeout_s=c.build_timeout_s, progress_s=c.build_progress_s, stop=r.stop)
+            timeout_s=c.build_timeout_s, progress_s=c.build_progress_s, stop=r.stop,
+            nfsrdma=c.enable_nfsrdma, family=family)
         if inv is not None:
             inv.store(packages)
             packages = inv.packages()
@@ -106,19 +120,27 @@ def _provision(r: Runner, spec: BuildSpec) -> Outcome:
 def _build_dtk(r: Runner, spec: BuildSpec, info: dict[str, Any]) -> list[Path]:
     c, paths = r.config, r.node.paths
     shared = shared_dir_for(paths.resolve(c.dtk_shared_dir), sanitise_kernel(spec.kernel))
-    if done_for_this_build(shared, spec):
+    built = shared / f"MLNX_OFED_SRC-{spec.version}"
+    if done_for_this_build(shared, spec) and find_packages(built):
         r.log.info("dtk.already_built", shared_dir=str(shared),
                    why="the done flag for this version and configuration is there")
-    else:
+        return find_packages(built)
+    if build_under_way(shared, spec):  # this container restarted while the sidecar builds
+        r.log.info("dtk.build_under_way", shared_dir=str(shared),
+                   why="the sidecar is building this very build: waiting for it, not "
+                       "preparing again under its feet")
+    else:  # (a done flag without packages is a build that was interrupted: done again)
+        # the sidecar's build ends before our wait does, so that its failure is reported
+        sidecar_timeout = min(c.build_timeout_s, 0.95 * c.dtk_build_timeout_s)
         prepare(shared, paths.resolve(c.driver_path), spec, heartbeat_s=c.heartbeat_interval_s,
-                build_timeout_s=c.build_timeout_s)
-        info["dtk_noticed_at"] = wait_for_build(
-            shared, spec, timeout_s=c.dtk_build_timeout_s, heartbeat_s=c.heartbeat_interval_s,
-            progress_s=c.build_progress_s, stop=r.stop)
-    packages = find_packages(shared / f"MLNX_OFED_SRC-{spec.version}")
+                build_timeout_s=sidecar_timeout)
+    info["dtk_noticed_at"] = wait_for_build(
+        shared, spec, timeout_s=c.dtk_build_timeout_s, heartbeat_s=c.heartbeat_interval_s,
+        progress_s=c.build_progress_s, stop=r.stop)
+    packages = find_packages(built)
     if not packages:
         raise ProvisionError(f"the DTK sidecar's done flag is there but no package is under "
-                             f"{shared}/MLNX_OFED_SRC-{spec.version}/RPMS or DEBS")
+                             f"{built}/RPMS or DEBS: see its log (dtk_build.log there)")
     return packages
 
 
@@ -140,11 +162,11 @@ def preload_host_dependencies(r: Runner, deadline: ToolDeadline) -> None:
     for dep in dict.fromkeys(wanted):
         if dep.replace("-", "_") in loaded:
             continue
-        res = r.node.commands.run(["modinfo", "-F", "filename", dep],
+        res = r.node.commands.run(["modinfo", "-b", str(host), "-F", "filename", dep],
                                   timeout_s=deadline.timeout(f"modinfo {dep}"),
-                                  what="where a dependency comes from")
-        if res.ok and any(t in res.stdout for t in OWN_TREES):
-            continue  # the driver's own module: openibd loads it
+                                  what="where the host's copy of a dependency is")
+        if not res.ok or not res.stdout.strip() or any(t in res.stdout for t in OWN_TREES):
+            continue  # not in the host's tree, or the driver's own module: openibd loads it
         try:
             modprobe([dep], r.node.commands, deadline.timeout(f"modprobe -d {host} {dep}"),
                      dirname=host)

@@ -77,7 +77,15 @@ run() {
 run "$@"
 if command -v dnf >/dev/null 2>&1; then
     echo "mofed-lifecycle: no Python 3.11 or newer here: dnf install -y python3.11" >&2
-    dnf install -y python3.11 >&2 && run "$@"
+    # in the background, so that SIGTERM (this may be the container's PID 1) stops it at once;
+    # at most 15 minutes
+    trap 'kill "$child" 2>/dev/null; exit 143' TERM INT
+    if command -v timeout >/dev/null 2>&1; then
+        timeout 900 dnf install -y python3.11 >&2 & child=$!
+    else
+        dnf install -y python3.11 >&2 & child=$!
+    fi
+    wait "$child" && run "$@"
 fi
 echo "mofed-lifecycle: no Python 3.11 or newer in this image (tried MOFED_LIFECYCLE_PYTHON," \\
      "python3.13, python3.12, python3.11, python3, and dnf): install one" >&2
@@ -119,6 +127,14 @@ def done_for_this_build(shared: Path, spec: BuildSpec) -> bool:
     return built_for == spec.fingerprint()
 
 
+def build_under_way(shared: Path, spec: BuildSpec) -> bool:
+    """Our sidecar is alive (its lock held) and building this very build: a main container
+    restarted mid-build waits for it instead of preparing again under its feet."""
+    side = look_at_sidecar(shared)
+    return (side.beating and not side.lock_free and side.phase == "building"
+            and side.fingerprint == spec.digest())
+
+
 def prepare(shared: Path, source: Path, spec: BuildSpec, *, heartbeat_s: float,
             build_timeout_s: float) -> None:
     """Fill the shared directory for a build and create the start flag (last, atomically)."""
@@ -127,8 +143,11 @@ def prepare(shared: Path, source: Path, spec: BuildSpec, *, heartbeat_s: float,
         raise ProvisionError(f"no install.pl in {source}: NVIDIA_NIC_DRIVER_PATH must be the "
                              "unpacked driver source tree, which the DTK sidecar builds")
     shared.mkdir(parents=True, exist_ok=True)
-    for stale in (START_FLAG, done_flag_name(spec.version), DTK_FAILED):
-        (shared / stale).unlink(missing_ok=True)
+    stale = [START_FLAG, done_flag_name(spec.version), DTK_FAILED]
+    if _lock_free(shared / DTK_LOCK):  # no sidecar alive: its last heartbeat says nothing now
+        stale.append(DTK_HEARTBEAT)
+    for name in stale:
+        (shared / name).unlink(missing_ok=True)
     dest = shared / f"MLNX_OFED_SRC-{spec.version}"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(source, dest, symlinks=True)
@@ -138,7 +157,8 @@ def prepare(shared: Path, source: Path, spec: BuildSpec, *, heartbeat_s: float,
         _copy_package(name, pylib)
     atomic_write_text(shared / DTK_ENV, dtk_env_text(
         shared_dir=str(shared), version=spec.version, append_flags=spec.append_flags,
-        kernel=spec.kernel, heartbeat_s=heartbeat_s, build_timeout_s=build_timeout_s))
+        kernel=spec.kernel, heartbeat_s=heartbeat_s, build_timeout_s=build_timeout_s,
+        nfsrdma=spec.enable_nfsrdma))
     atomic_write_text(shared / DTK_BUILDCONFIG, spec.fingerprint())
     _executable(shared / DTK_SCRIPT, SCRIPT)
     _executable(shared / DTK_ENTRYPOINT, LAUNCHER)
@@ -160,6 +180,7 @@ class SidecarView:
     age_s: float | None
     lock_free: bool
     phase: str | None
+    fingerprint: str | None = None  # the build it is on
 
 
 def _lock_free(path: Path) -> bool:
@@ -181,9 +202,11 @@ def look_at_sidecar(shared: Path) -> SidecarView:
         beat = json.loads((shared / DTK_HEARTBEAT).read_text())
         age = time.time() - float(beat["time"])
         phase = str(beat.get("phase"))
+        fingerprint = beat.get("fingerprint")
     except (OSError, ValueError, KeyError, TypeError):
         return SidecarView(False, None, _lock_free(shared / DTK_LOCK), None)
-    return SidecarView(True, age, _lock_free(shared / DTK_LOCK), phase)
+    return SidecarView(True, age, _lock_free(shared / DTK_LOCK), phase,
+                       fingerprint if isinstance(fingerprint, str) else None)
 
 
 def wait_for_build(shared: Path, spec: BuildSpec, *, timeout_s: float, heartbeat_s: float,
@@ -206,7 +229,7 @@ def wait_for_build(shared: Path, spec: BuildSpec, *, timeout_s: float, heartbeat
     start = time.monotonic()
     deadline, next_progress = start + timeout_s, start + progress_s
     check = max(0.01, heartbeat_s / 4)
-    said_upstream = False
+    said_upstream = said_gone = False
     try:
         while True:
             if done.exists():
@@ -223,11 +246,15 @@ def wait_for_build(shared: Path, spec: BuildSpec, *, timeout_s: float, heartbeat
                 raise ProvisionError("the DTK sidecar's build failed: " + _failure(failed))
             now = time.monotonic()
             side = look_at_sidecar(shared)
-            if side.beating and side.lock_free and side.phase != "stopped":
+            if side.beating and side.lock_free and side.phase == "building":
                 raise ProvisionError("the DTK sidecar died during the build (its lock "
                                      f"{shared / DTK_LOCK} was let go, last heartbeat "
                                      f"{side.age_s:.1f}s ago): kubelet restarts it; the build "
                                      "is handed to it again at the next re-check")
+            if side.beating and side.lock_free and not said_gone:
+                said_gone = True  # not building: a restarted sidecar takes the start flag
+                log.warning("dtk.sidecar_gone", phase=side.phase, next="waiting: kubelet "
+                            "restarts it and it takes the start flag")
             if side.beating and side.age_s is not None and \
                     side.age_s > HUNG_AFTER_BEATS * heartbeat_s:
                 raise ProvisionError(f"the DTK sidecar hangs: no heartbeat for "

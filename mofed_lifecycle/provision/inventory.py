@@ -65,6 +65,18 @@ def find_packages(tree: Path) -> list[Path]:
     return sorted(found)
 
 
+def _entry_shaped(p: Path, *, top: bool) -> bool:
+    """What a build cache holds: a kernel directory of entries (`top`), or one entry (a directory
+    of packages, a `.checksum`/`.buildconfig` file, a partial copy)."""
+    if p.is_symlink():
+        return False
+    if top:
+        return p.is_dir() and all(_entry_shaped(c, top=False) for c in p.iterdir())
+    if p.is_file():
+        return p.name.endswith((CHECKSUM_SUFFIX, BUILDCONFIG_SUFFIX))
+    return p.is_dir() and all(c.is_file() and (c.suffix in PACKAGE_SUFFIXES) for c in p.iterdir())
+
+
 def _files(entry: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(entry.iterdir()) if p.is_file()}
 
@@ -99,20 +111,26 @@ class Inventory:
                              stored_checksum=read(self.checksum), actual_checksum=actual,
                              stored_buildconfig=read(self.buildconfig))
 
-    def clean(self) -> list[str]:
-        """Delete other kernels' and versions' entries (and a partial one); what was deleted."""
+    def clean(self) -> tuple[list[str], list[str]]:
+        """Delete other kernels' and versions' entries (and a partial one): (deleted, left).
+        Only what looks like an inventory entry is ever deleted (package directories, their
+        .checksum and .buildconfig): anything else found there is left, and named."""
         if not self.root.is_dir():
-            return []
+            return [], []
         listing = {k.name: [e.name for e in k.iterdir()] for k in self.root.iterdir()
-                   if k.is_dir()}
-        removed = stale_entries(listing, self.spec.kernel, self.spec.version)
-        for rel in removed:
+                   if k.is_dir() and not k.is_symlink()}
+        removed, left = [], []
+        for rel in stale_entries(listing, self.spec.kernel, self.spec.version):
             p = self.root / rel
+            if not _entry_shaped(p, top="/" not in rel):
+                left.append(rel)
+                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-        return removed
+            removed.append(rel)
+        return removed, left
 
     def store(self, packages: list[Path]) -> None:
         """Replace the entry with `packages` (copied), then its build config and checksum."""

@@ -44,12 +44,12 @@ PACKAGE_SUFFIXES = (".deb", ".rpm")
 
 # Always passed to install.pl (upstream's sources-mode build): modules only, no userspace,
 # no dependency check (headers and compiler are the image's job; we check them first).
-BASE_BUILD_FLAGS = (
-    "--without-depcheck", "--kernel-only", "--build-only", "--with-mlnx-tools",
-    "--without-knem", "--without-iser", "--without-isert", "--without-srp",
-    "--without-kernel-mft", "--without-mlnx-rdma-rxe", "--without-xpmem",
-    "--without-xpmem-modules", "--disable-kmp", "--without-dkms",
-)
+BASE_BUILD_FLAGS = ("--without-depcheck", "--kernel-only", "--build-only", "--with-mlnx-tools")
+# packages left out; on Ubuntu their names end in `-modules` (upstream's package suffix)
+WITHOUT = ("knem", "iser", "isert", "srp", "kernel-mft", "mlnx-rdma-rxe")
+WITHOUT_UNLESS_NFSRDMA = ("mlnx-nfsrdma", "mlnx-nvme")
+TAIL_FLAGS = ("--without-xpmem", "--without-xpmem-modules", "--disable-kmp", "--without-dkms")
+DTK_FLAGS = ("--with-ofed-scripts", "--copy-ifnames-udev")  # upstream's DTK build adds these
 KERNEL_NAME_RE = re.compile(r"[^-A-Za-z0-9_.]")
 
 
@@ -70,10 +70,14 @@ def split_flags(text: str) -> tuple[str, ...]:
     return tuple(shlex.split(text))
 
 
-def install_args(install_pl: str, kernel: str, append_flags: str,
-                 distro: str | None = None) -> list[str]:
-    """The install.pl command line of a build for `kernel` (`distro`: `--distro rhel9.4`)."""
-    args = [install_pl, "--kernel", kernel, *BASE_BUILD_FLAGS]
+def install_args(install_pl: str, kernel: str, append_flags: str, distro: str | None = None,
+                 *, nfsrdma: bool = False, family: str = "rpm", dtk: bool = False) -> list[str]:
+    """The install.pl command line of a build for `kernel` (`distro`: `--distro rhel9.4`;
+    `family` "deb": Ubuntu's package names; `nfsrdma`: keep the NFS-RDMA and NVMe-oF modules)."""
+    suffix = "-modules" if family == "deb" else ""
+    left_out = [*WITHOUT, *(() if nfsrdma else WITHOUT_UNLESS_NFSRDMA)]
+    args = [install_pl, "--kernel", kernel, *BASE_BUILD_FLAGS,
+            *(f"--without-{p}{suffix}" for p in left_out), *TAIL_FLAGS, *(DTK_FLAGS if dtk else ())]
     if distro:
         args += ["--distro", distro]
     return [*args, *split_flags(append_flags)]
@@ -151,7 +155,7 @@ def stale_entries(listing: dict[str, list[str]], kernel: str, version: str) -> l
 
 
 def dtk_env_text(*, shared_dir: str, version: str, append_flags: str, kernel: str,
-                 heartbeat_s: float, build_timeout_s: float) -> str:
+                 heartbeat_s: float, build_timeout_s: float, nfsrdma: bool = False) -> str:
     """`dtk.env`, sourced by the sidecar's script: upstream's variables (so an upstream sidecar
     builds from it too), then ours."""
     start, done = f"{shared_dir}/{START_FLAG}", f"{shared_dir}/{done_flag_name(version)}"
@@ -159,19 +163,40 @@ def dtk_env_text(*, shared_dir: str, version: str, append_flags: str, kernel: st
     def q(v: str) -> str:
         return shlex.quote(v)
 
+    # upstream's main container puts the kernel (and RHEL's distro) into the flags it hands an
+    # upstream sidecar; ours reads the user's own from MOFED_LIFECYCLE_APPEND_FLAGS
+    distro = rhel_distro(kernel)
+    upstream_flags = " ".join([append_flags, "--kernel", q(kernel),
+                               *(["--distro", distro] if distro else [])]).strip()
+
     return (
         "# written by mofed-lifecycle (the driver container) for the DTK sidecar\n"
         f"export DTK_OCP_NIC_SHARED_DIR={q(shared_dir)}\n"
         f"export DTK_OCP_COMPILED_DRIVER_VER={q(version)}\n"
         f"export DTK_OCP_START_COMPILE_FLAG={q(start)}\n"
         f"export DTK_OCP_DONE_COMPILE_FLAG={q(done)}\n"
-        f"export APPEND_DRIVER_BUILD_FLAGS={q(append_flags)}\n"
+        f"export APPEND_DRIVER_BUILD_FLAGS={q(upstream_flags)}\n"
+        f"export MOFED_LIFECYCLE_APPEND_FLAGS={q(append_flags)}\n"
+        f"export ENABLE_NFSRDMA={str(nfsrdma).lower()}\n"
         f"export NVIDIA_NIC_DRIVER_VER={q(version)}\n"
         "export USE_DKMS=false\n"
         f"export MOFED_LIFECYCLE_DTK_KERNEL={q(kernel)}\n"
         f"export HEARTBEAT_INTERVAL_SEC={heartbeat_s:g}\n"
         f"export BUILD_TIMEOUT_SEC={build_timeout_s:g}\n"
     )
+
+
+def strip_kernel_flags(flags: str) -> str:
+    """An upstream main container's APPEND_DRIVER_BUILD_FLAGS without its `--kernel K` and
+    `--distro D` (our sidecar passes its own)."""
+    words, out = list(split_flags(flags)), []
+    it = iter(words)
+    for w in it:
+        if w in ("--kernel", "--distro"):
+            next(it, None)
+            continue
+        out.append(w)
+    return shlex.join(out)
 
 
 def parse_env_file(text: str) -> dict[str, str]:

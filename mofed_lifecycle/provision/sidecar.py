@@ -13,8 +13,9 @@ HEARTBEAT_INTERVAL_SEC, which the main container checks (dtk.py); a failed build
 from __future__ import annotations
 
 import fcntl
-import json
+import hashlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from ..log import get_logger
 from ..signals import StopSignals
 from .inventory import ProvisionError, kernel_release
 from .plan import (
+    DTK_BUILDCONFIG,
     DTK_ENV,
     DTK_FAILED,
     DTK_HEARTBEAT,
@@ -41,11 +43,16 @@ from .plan import (
     parse_env_file,
     rhel_distro,
     sanitise_kernel,
+    strip_kernel_flags,
     tail,
 )
 from .sources import missing_prerequisites
 
 DEFAULT_SHARED = "/mnt/shared-nvidia-nic-driver-toolkit"
+# what upstream's sidecar installs before a build: install.pl's perl, and the build's tools
+DTK_BUILD_PACKAGES = ("perl", "ethtool", "autoconf", "pciutils", "automake", "libtool",
+                      "python3-devel")
+DNF_TIMEOUT_S = 900.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -75,13 +82,15 @@ class Sidecar:
         self.stop = threading.Event()
         self.phase = "starting"
         self.builds = 0
+        self.fingerprint: str | None = None  # of the build under way (dtk.buildconfig's digest)
 
     # ---- heartbeat and lock ---------------------------------------------------------------------
     def beat(self) -> None:
         try:
             atomic_write_json(self.shared / DTK_HEARTBEAT, {
                 "pid": os.getpid(), "time": time.time(), "phase": self.phase,
-                "interval_s": self.heartbeat_s, "builds": self.builds})
+                "interval_s": self.heartbeat_s, "builds": self.builds,
+                "fingerprint": self.fingerprint})
         except OSError as e:
             self.log.warning("heartbeat.unwritten", error=str(e))
 
@@ -135,8 +144,14 @@ class Sidecar:
         env_file = parse_env_file(_read(self.shared / DTK_ENV))
         version = env_file.get("DTK_OCP_COMPILED_DRIVER_VER") or env_file.get(
             "NVIDIA_NIC_DRIVER_VER") or ""
-        flags = env_file.get("APPEND_DRIVER_BUILD_FLAGS", "")
+        if "MOFED_LIFECYCLE_APPEND_FLAGS" in env_file:  # ours: the user's flags alone
+            flags = env_file["MOFED_LIFECYCLE_APPEND_FLAGS"]
+        else:  # an upstream main container's, with its --kernel and --distro in them
+            flags = strip_kernel_flags(env_file.get("APPEND_DRIVER_BUILD_FLAGS", ""))
+        nfsrdma = env_file.get("ENABLE_NFSRDMA", "false") == "true"
         timeout_s = float(env_file.get("BUILD_TIMEOUT_SEC") or 3600)
+        config = _read(self.shared / DTK_BUILDCONFIG)
+        self.fingerprint = hashlib.sha256(config.encode()).hexdigest()[:16] if config else None
         source = self.shared / f"MLNX_OFED_SRC-{version}"
         log_path = self.shared / "dtk_build.log"
         started = time.monotonic()
@@ -145,10 +160,13 @@ class Sidecar:
             if not version:
                 raise ProvisionError(f"{self.shared / DTK_ENV} names no driver version "
                                      "(DTK_OCP_COMPILED_DRIVER_VER)")
+            if missing_prerequisites(self.paths, source, self.kernel, self.commands):
+                self.install_build_tools()  # what upstream's sidecar installs in the DTK image
             if missing := missing_prerequisites(self.paths, source, self.kernel, self.commands):
                 raise ProvisionError("cannot build the driver, missing: " + "; ".join(missing))
             argv = install_args(str(source / "install.pl"), self.kernel, flags,
-                                rhel_distro(self.kernel))
+                                rhel_distro(self.kernel), nfsrdma=nfsrdma, family="rpm",
+                                dtk=True)
             rc = self.commands.run_logged(argv, log_path=log_path, timeout_s=timeout_s,
                                           stop=self.stop, progress_s=min(30.0, self.heartbeat_s
                                                                          * 3),
@@ -174,6 +192,26 @@ class Sidecar:
         self.set_phase("done", version=version, build_s=round(time.monotonic() - started, 3),
                        done_flag=done_flag_name(version))
 
+    def install_build_tools(self) -> None:
+        """The DTK image is Red Hat's: install.pl's perl and the build's tools come from dnf,
+        as upstream's sidecar installs them. Nothing to do (and said) without dnf."""
+        path = self.commands.env.get("PATH", os.defpath)
+        if shutil.which("dnf", path=path) is None:
+            self.log.info("dtk.no_dnf", why="build tools are missing and there is no dnf to "
+                          "install them with: the build is refused with what is missing")
+            return
+        argv = ["dnf", "install", "-y", *DTK_BUILD_PACKAGES]
+        try:
+            res = self.commands.run(argv, timeout_s=DNF_TIMEOUT_S,
+                                    what="install the build's tools in the DTK image")
+        except (OSError, CommandTimeout) as e:
+            self.log.error("dtk.tools_not_installed", error=str(e))
+            return
+        if not res.ok:
+            self.log.error("dtk.tools_not_installed", rc=res.returncode,
+                           stderr=res.stderr.strip()[-500:],
+                           next="check the DTK image's repositories (dnf repolist)")
+
     def request_stop(self, signum: int) -> None:
         self.log.info("signal.received", signal=signal.Signals(signum).name, phase=self.phase)
         self.stop.set()
@@ -198,5 +236,3 @@ def _read(path: Path) -> str:
     except OSError:
         return ""
 
-
-__all__ = ["json", "run_sidecar"]

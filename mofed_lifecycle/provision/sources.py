@@ -47,7 +47,7 @@ def missing_prerequisites(paths: NodePaths, source: Path, kernel: str,
 
 def build_locally(paths: NodePaths, source: Path, kernel: str, append_flags: str,
                   commands: Commands, *, log_path: Path, timeout_s: float, progress_s: float,
-                  stop: threading.Event) -> list[Path]:
+                  stop: threading.Event, nfsrdma: bool, family: str) -> list[Path]:
     """Run install.pl in `source` for `kernel`; return the packages it built.
     ProvisionError (with the log's tail) when it fails; CommandStopped on a stop request."""
     log = get_logger("provision")
@@ -55,7 +55,8 @@ def build_locally(paths: NodePaths, source: Path, kernel: str, append_flags: str
         raise ProvisionError("cannot build the driver, missing: " + "; ".join(missing))
     for sub in ("DEBS", "RPMS"):  # a previous build's packages must not pass for this one's
         shutil.rmtree(source / sub, ignore_errors=True)
-    argv = install_args(str(source / "install.pl"), kernel, append_flags, rhel_distro(kernel))
+    argv = install_args(str(source / "install.pl"), kernel, append_flags, rhel_distro(kernel),
+                        nfsrdma=nfsrdma, family=family)
     log.info("build.started", kernel=kernel, argv=argv, log=str(log_path), timeout_s=timeout_s)
     try:
         rc = commands.run_logged(argv, log_path=log_path, timeout_s=timeout_s, stop=stop,

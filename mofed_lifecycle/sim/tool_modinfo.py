@@ -57,6 +57,9 @@ def modinfo(root: str, argv: list[str], out: TextIO | None = None,
             field = a.split("=", 1)[1]
         elif a in ("-k", "--set-version"):
             kver = next(it, kver)
+        elif a in ("-b", "--basedir"):  # the modules of the tree under that directory
+            base = next(it, "")
+            root = base if base.startswith(root) else os.path.join(root, base.lstrip("/"))
         elif a.startswith("-"):
             continue
         else:
