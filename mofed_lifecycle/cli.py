@@ -131,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
     stp.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    doc = sub.add_parser(
+        "doctor", formatter_class=fmt,
+        help="name every known node misconfiguration (read-only): IOMMU, firmware, RDMA config",
+        description="Read-only checks of what broke RDMA in the field, each a finding with a "
+                    "stable id, a severity,\nthe evidence read (file and value) and the exact "
+                    "fix: IOMMU translated with GPUs, firmware\nNUM_OF_VFS/SRIOV_EN pending a cold "
+                    "boot, a bad RDMA shared device plugin config, modules that\nwould refuse a "
+                    "reload, nvidia_peermem in use, a blacklist or headers mount left behind, a\n"
+                    "stale marker, the inbox driver loaded, the management uplink on a PF a reload "
+                    "takes down.\nExit 0: no finding; 1: findings (listed); 2: bad usage.",
+        epilog="examples:\n  mofed-lifecycle doctor\n  mofed-lifecycle doctor --json "
+               "--rdma-config /etc/rdma-dp/config.json | jq '.findings[].id'\n",
+    )
+    doc.add_argument("--root", type=_root, default=Path("/"), help="node root (default /)")
+    doc.add_argument("--json", action="store_true",
+                     help='print {"findings": [{"id", "severity", "subject", "evidence", "fix"}]}')
+    doc.add_argument("--rdma-config", type=Path, metavar="FILE",
+                     help="also check this RDMA shared device plugin config.json")
+
     cfg = sub.add_parser(
         "config", formatter_class=fmt, epilog=EPILOG,
         help="check the environment and print the configuration it gives (secrets hidden)",
@@ -293,6 +312,21 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor.findings import diagnose, format_findings
+    from .doctor.gather import gather
+
+    _quiet_logs(args)
+    if args.rdma_config is not None and not args.rdma_config.is_file():
+        raise UsageError(f"--rdma-config {args.rdma_config}: no such file")
+    findings = diagnose(gather(args.seams.tools(args.root),
+                               load_config(os.environ, require_driver_version=False),
+                               args.rdma_config))
+    print(json.dumps({"findings": [f.to_json() for f in findings]}, indent=2) if args.json
+          else format_findings(findings))
+    return EXIT_FAILED if findings else EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import format_status, gather
 
@@ -324,7 +358,8 @@ def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
     from .sim.scenario import ScenarioError
 
     handlers = {"run": cmd_run, "peermem": cmd_peermem, "config": cmd_config, "sim": cmd_sim,
-                "probe": cmd_probe, "status": cmd_status, "dtk-build": cmd_dtk_build}
+                "probe": cmd_probe, "status": cmd_status, "dtk-build": cmd_dtk_build,
+                "doctor": cmd_doctor}
     try:
         return handlers[args.command](args)
     except (ConfigError, ScenarioError, NodeExists, UsageError) as e:

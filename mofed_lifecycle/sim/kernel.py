@@ -116,6 +116,7 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
         self.tree.drop_netdev(nd)
         if self.st.default_route == nd.name:  # its addresses and the routes through it go too
             self.st.default_route = None
+            self.tree.route(self.st)
             self.note("route.lost", name=nd.name, pci=nd.pci, addresses=nd.addresses)
         if nd.named:
             self.bus.emit("remove", self._devpath(nd), "net", INTERFACE=nd.name,

@@ -28,6 +28,7 @@ class HostMixin:
         if nd is not None:
             dev = nd.name
         self.st.default_route = dev
+        self.tree.route(self.st)
         self.note("route.default", name=dev)
         self.dirty = True
 

@@ -189,6 +189,7 @@ class NetlinkMixin:
             self.st.rename_netdev(nd, new_name)
             if self.st.default_route == old:
                 self.st.default_route = new_name
+                self.tree.route(self.st)
             if nd.named and old == nd.final_name:  # renamed away from the name udev gave it:
                 nd.altnames.append(old)  # udev's altname policy keeps that name as an altname
             elif not nd.named:

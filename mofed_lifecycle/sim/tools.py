@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .client import KernelClient
 
 TOOLS = ("modinfo", "modprobe", "rmmod", "lsmod", "mlnxofedctl", "mount", "umount", "dpkg",
-         "rpm", "depmod", "gcc", "make")
+         "rpm", "depmod", "gcc", "make", "mstconfig")
 
 
 class Killed(BaseException):
@@ -296,6 +296,40 @@ def compiler(tool: str) -> Tool:
     return run
 
 
+def mstconfig(root: Path, argv: list[str]) -> int:
+    """`mstconfig [-e] -d PCI q [PARAM...]`: the PF's firmware configuration as NVRAM holds it,
+    with `-e` its Default, Current and Next Boot columns (a change waits for a cold boot)."""
+    if "-d" not in argv[:-1] or "q" not in argv and "query" not in argv:
+        print("-E- the simulated mstconfig only knows: mstconfig [-e] -d PCI q [PARAM...]",
+              file=err())
+        return 1
+    pci = argv[argv.index("-d") + 1]
+    with kernel(root) as k:
+        pf = k.call("state")["pfs"].get(pci)
+    if pf is None:
+        print(f"-E- Failed to open device: {pci}. No such device", file=err())
+        return 1
+    fw = pf["fw"]
+
+    def b(v: bool) -> str:
+        return "True(1)" if v else "False(0)"
+
+    rows = {"NUM_OF_VFS": ("8", str(fw["num_of_vfs"]), str(fw["next_boot_num_of_vfs"])),
+            "SRIOV_EN": (b(True), b(fw["sriov_en"]), b(fw["sriov_en"]))}
+    wanted = [a for a in argv[argv.index("q" if "q" in argv else "query") + 1:] if a in rows]
+    print("\nDevice #1:\n----------\n\nDevice type:        ConnectX6DX\n"
+          f"Device:             {pci}\n", file=out())
+    head = "Configurations:" + " " * 26
+    print(head + ("Default             Current             Next Boot" if "-e" in argv
+                  else "Next Boot"), file=out())
+    for name in wanted or list(rows):
+        d, c, n = rows[name]
+        mark = "*" if "-e" in argv and (c != d or n != d) else " "
+        cols = f"{d:<20}{c:<20}{n}" if "-e" in argv else n
+        print(f"{mark}        {name:<32}{cols}", file=out())
+    return 0
+
+
 def install_pl(root: Path, argv: list[str]) -> int:
     from .build import install_pl as build
     from .scenario_parse import load_scenario
@@ -308,7 +342,8 @@ def main(tool: str, root: str, argv: list[str] | None = None) -> int:
     fn: Tool = {"modinfo": modinfo, "modprobe": modprobe, "rmmod": rmmod, "lsmod": lsmod,
           "openibd": openibd, "mlnxofedctl": mlnxofedctl, "mount": mount, "umount": umount,
           "dpkg": packages("dpkg"), "rpm": packages("rpm"), "depmod": depmod,
-          "gcc": compiler("gcc"), "make": compiler("make"), "install.pl": install_pl}[tool]
+          "gcc": compiler("gcc"), "make": compiler("make"), "install.pl": install_pl,
+          "mstconfig": mstconfig}[tool]
     try:
         return fn(Path(root), sys.argv[1:] if argv is None else argv)
     except (OSError, TimeoutError) as e:

@@ -143,6 +143,15 @@ class Tree:
         _write(path, ko_text(self.sc.kernel, f"{path.parent.name}/{path.name}", name, version,
                              srcversion, deps))
 
+    def route(self, st: KernelState) -> None:
+        """/proc/net/route: the default route through `st.default_route`, as the kernel lists it."""
+        rows = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\t"
+                "Window\tIRTT"]
+        if st.default_route:
+            rows.append(f"{st.default_route}\t00000000\t0100000A\t0003\t0\t0\t100\t00000000\t0"
+                        "\t0\t0")
+        _write(self.root / "proc/net/route", "\n".join(rows) + "\n")
+
     def render_all(self, st: KernelState) -> None:
         """Everything, from scratch: used at init and to repair after a crash mid-update."""
         for d in ("sys/devices", "sys/class/net", "sys/bus/pci/devices", "sys/module"):
@@ -157,6 +166,7 @@ class Tree:
             self.netdev(nd)
         for pf in st.pfs.values():
             self.eswitch(st, pf)
+        self.route(st)
 
     # ---- modules ---------------------------------------------------------------------------
     def modules(self, st: KernelState) -> None:

@@ -1,0 +1,1 @@
+"""`mofed-lifecycle doctor`: node misconfigurations that break the NIC driver or RDMA."""

@@ -1,0 +1,202 @@
+"""`mofed-lifecycle doctor` on simulated nodes: each field misconfiguration named by its stable
+id, with its evidence and fix; a clean node and the shared scenarios give none."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import SCENARIOS, SHARED_SCENARIOS
+from .inprocess import run_cli
+from .test_lifecycle import lifecycle
+
+BASE = """
+[node]
+name = "doc"
+kernel = "5.15.0-91-generic"
+time_scale = 0.01
+seed = 15
+[driver]
+loaded_version = "25.07-0.9.7"
+installed_version = "25.07-0.9.7"
+openibd_restart_s = 20
+{driver}
+[host]
+{host}
+[[pf]]
+pci = "0000:08:00.0"
+name = "enp8s0f0np0"
+numvfs = {numvfs}
+{pf}
+"""
+
+
+def node(make_node, *, host: str = "", pf: str = "", driver: str = "", name: str = "node",
+         numvfs: int = 8):
+    return make_node(BASE.format(host=host, pf=pf, driver=driver, numvfs=numvfs), name)
+
+
+def doctor(root: Path, *args: str) -> tuple[int, list[dict]]:
+    r = run_cli(["doctor", "--root", str(root), "--json", *args])
+    assert r.returncode in (0, 1), r.stderr
+    findings = json.loads(r.stdout)["findings"]
+    assert (r.returncode == 1) == bool(findings)
+    for f in findings:  # every finding says what it read and what to do
+        assert set(f) == {"id", "severity", "subject", "evidence", "fix"}
+        assert f["fix"] and f["evidence"] and all(e["file"] and e["value"] for e in f["evidence"])
+    return r.returncode, findings
+
+
+def ids(findings: list[dict]) -> list[str]:
+    return sorted(f["id"] for f in findings)
+
+
+def test_a_clean_node_gives_no_finding(make_node):
+    root, _k = node(make_node, host='iommu = "passthrough"\ngpus = 8')
+    assert doctor(root) == (0, [])
+    r = run_cli(["doctor", "--root", str(root)])
+    assert r.stdout.startswith("doctor: no finding")
+
+
+@pytest.mark.parametrize("path", sorted(SHARED_SCENARIOS.glob("*.toml")), ids=lambda p: p.stem)
+def test_the_shared_scenarios_give_no_finding(make_node, path):
+    root, _k = make_node(path)
+    assert doctor(root) == (0, [])
+
+
+def test_iommu_translated_with_gpus_and_connectx(make_node):
+    root, _k = node(make_node, host='iommu = "translated"\ngpus = 4')
+    _rc, found = doctor(root)
+    assert ids(found) == ["iommu-translated"]
+    files = {e["file"] for e in found[0]["evidence"]}
+    assert {"/sys/kernel/iommu_groups/0/type", "/var/log/dmesg", "/proc/cmdline"} <= files
+    assert "iommu=pt" in found[0]["fix"]
+    # without GPUs, a translated IOMMU breaks no GPUDirect RDMA
+    root2, _k = node(make_node, host='iommu = "translated"\ngpus = 0', name="nogpu")
+    assert doctor(root2) == (0, [])
+
+
+def test_firmware_num_of_vfs_pending_until_a_cold_power_cycle(make_node):
+    root, _k = node(make_node, pf="fw = { num_of_vfs = 16, next_boot_num_of_vfs = 8 }")
+    _rc, found = doctor(root)
+    assert ids(found) == ["fw-numvfs-pending"]
+    assert found[0]["evidence"][0]["value"] == "NUM_OF_VFS current 16, next boot 8"
+    assert "cold power cycle needed; a warm reboot does not apply it" in found[0]["fix"]
+    root2, _k = node(make_node, pf="fw = { num_of_vfs = 8, next_boot_num_of_vfs = 8 }",
+                     name="settled")
+    assert doctor(root2) == (0, [])  # applied by a cold boot: nothing pending
+
+
+def test_firmware_sriov_disabled(make_node):
+    root, _k = node(make_node, numvfs=0, pf="fw = { num_of_vfs = 8, next_boot_num_of_vfs = 8, "
+                    "sriov_en = false }")
+    _rc, found = doctor(root)
+    assert ids(found) == ["fw-sriov-disabled"] and "SRIOV_EN=1" in found[0]["fix"]
+
+
+@pytest.mark.parametrize(("text", "expected", "words"), [
+    ("{not json", ["rdma-dp-config-invalid"], "not valid JSON"),
+    ('{"configList": [{"resourceName": "rdma_shared", "selectors": {}}]}',
+     ["rdma-dp-config-invalid"], "selectors: {}"),
+    ('{"configList": [{"resourceName": "r", "selectors": {"ifNames": ["mlx5_0", "mlx5_1"]}}]}',
+     ["rdma-dp-config-invalid"], 'ifNames: ["mlx5_0", "mlx5_1"]'),
+    ('{"configList": [{"resourceName": "r", "selectors": {"ifNames": ["ens1f0"]}}]}',
+     ["rdma-dp-no-match"], "ens1f0"),
+    ('{"configList": [{"resourceName": "r", "selectors": {"vendors": ["15b3"], '
+     '"ifNames": ["enp8s0f0np0"]}}]}', [], ""),
+])
+def test_rdma_shared_device_plugin_configs_from_the_incident(make_node, tmp_path, text,
+                                                           expected, words):
+    root, _k = node(make_node)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(text)
+    _rc, found = doctor(root, "--rdma-config", str(cfg))
+    assert ids(found) == expected
+    if expected:
+        assert words in found[0]["evidence"][0]["value"]
+        assert found[0]["evidence"][0]["file"] == str(cfg)
+
+
+def test_the_uplink_on_a_pf_a_reload_takes_down(make_node):
+    root, _k = node(make_node, host='default_route = "enp8s0f0np0"\n'
+                    'uplink_addresses = ["10.0.0.7/24"]')
+    _rc, found = doctor(root)
+    assert ids(found) == ["uplink-on-reloaded-pf"] and "UPLINK_POLICY" in found[0]["fix"]
+    root2, _k = node(make_node, host='default_route = "eno1"', name="onboard")
+    assert doctor(root2) == (0, [])  # the onboard NIC carries it: no reload touches it
+
+
+def test_holders_peermem_in_use_and_storage(make_node):
+    root, _k = make_node(SCENARIOS / "tiny-ib-holders.toml")
+    _rc, found = doctor(root)
+    assert ids(found) == ["peermem-in-use", "storage-holder"]
+    third, _k = node(make_node, driver='extra_modules = [ { name = "irdma", holds = ["ib_core"] }'
+                     ' ]', name="third")
+    _rc, found = doctor(third)
+    assert ids(found) == ["thirdparty-holder"] and "irdma holds ib_core" in \
+        found[0]["evidence"][0]["value"]
+
+
+def test_what_a_killed_container_left_behind(make_node):
+    root, _k = node(make_node)
+    (root / "etc/modprobe.d/blacklist-ofed-modules.conf").write_text("blacklist mlx5_core\n")
+    info = root / "proc/self/mountinfo"
+    info.parent.mkdir(parents=True, exist_ok=True)
+    info.write_text("99 1 0:42 /usr/src /run/mellanox/drivers/usr/src rw - none none rw\n")
+    _rc, found = doctor(root)
+    assert ids(found) == ["blacklist-leftover", "headers-mount-stale"]
+    marker = root / "run/mellanox/drivers/.driver-ready"
+    marker.write_text(json.dumps({"srcversions": {"mlx5_core": "0000DEADBEEF"}}) + "\n")
+    _rc, found = doctor(root)  # (with a marker set, the headers are still being served)
+    assert ids(found) == ["blacklist-leftover", "marker-stale"]
+
+
+def test_the_inbox_driver_loaded_where_the_vendor_driver_ran(make_node):
+    import os
+    import subprocess
+
+    text = BASE.format(host="", pf="", driver="", numvfs=8).replace(
+        'loaded_version = "25.07-0.9.7"', 'loaded_version = "inbox"')
+    root, _k = make_node(text)
+    assert doctor(root) == (0, [])  # before any run (a fresh node): the inbox one is expected
+    assert lifecycle(root, "--once").returncode == 0  # the vendor driver, ready once
+    assert doctor(root) == (0, [])
+    # someone puts the inbox driver back behind the lifecycle's back
+    r = subprocess.run(["mlnxofedctl", "--alt-mods", "force-restart"], capture_output=True,
+                       text=True, timeout=60,
+                       env={**os.environ, "PATH": f"{root}/.sim/bin:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr
+    _rc, found = doctor(root)
+    assert ids(found) == ["inbox-driver-loaded", "marker-stale"]
+
+
+def test_doctor_refuses_a_missing_rdma_config_in_one_line(tiny):
+    root, _k = tiny
+    r = run_cli(["doctor", "--root", str(root), "--rdma-config", "/nonexistent.json"])
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "mofed-lifecycle: --rdma-config /nonexistent.json: no such file"
+
+
+def test_fewer_vfs_in_firmware_than_the_saved_snapshot_wants_is_pending_too():
+    from mofed_lifecycle.doctor.findings import NodeFacts, PfFirmware, diagnose
+
+    f = NodeFacts(firmware=[PfFirmware("0000:08:00.0", (4, 4), (True, True), 8, "mstconfig")])
+    found = diagnose(f)
+    assert [x.id for x in found] == ["fw-numvfs-pending"]
+    assert found[0].evidence[0]["value"] == "NUM_OF_VFS 4 < 8 VFs wanted"
+    assert "set NUM_OF_VFS=8" in found[0].fix
+
+
+def test_iommu_passthrough_on_the_command_line_is_no_finding():
+    from mofed_lifecycle.doctor.findings import NodeFacts, diagnose
+    from mofed_lifecycle.doctor.rdma_config import Device
+
+    cx = [Device("0000:08:00.0", "15b3", "101d", "mlx5_core", ("enp8s0f0np0",), "ether")]
+    f = NodeFacts(gpus=["0000:c0:00.0"], connectx=cx,
+                  iommu_types=[("/sys/kernel/iommu_groups/3/type", "DMA-FQ")],
+                  cmdline="ro quiet intel_iommu=on iommu=pt")
+    assert diagnose(f) == []
+    f.cmdline = "ro quiet intel_iommu=on"
+    assert [x.id for x in diagnose(f)] == ["iommu-translated"]
