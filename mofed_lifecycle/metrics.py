@@ -91,6 +91,9 @@ class Metrics:
                                 registry=r)
         self.last_error = Info(PREFIX + "_last_error", "the last error (empty when none)",
                                registry=r)
+        self.doctor = Gauge(PREFIX + "_doctor_findings", "node misconfigurations `doctor` "
+                            "names now, by finding id and severity", ["id", "severity"],
+                            registry=r)
         Info(PREFIX, "daemon and driver versions", registry=r).info(
             {"version": __version__, "driver_version": driver_version})
         self.last_error.info({"error": ""})
@@ -123,6 +126,10 @@ class Metrics:
         for module in facts.get("not_reloaded") or []:
             self.not_reloaded.labels(module).set(1)
         self.last_error.info({"error": str(facts.get("last_error") or "")})
+        self.doctor.clear()
+        for f in facts.get("doctor") or []:
+            g = self.doctor.labels(str(f.get("id")), str(f.get("severity")))
+            g.inc()
         self.write()
 
     def write(self) -> bool:

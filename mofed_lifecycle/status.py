@@ -132,6 +132,9 @@ def gather(tools: Tools, config: Config, *, now: float | None = None) -> dict[st
                                  if not paths.module(m).exists()],
         "stop_budget_s": stop_budget_s(config),
         "journal_dir": str(jdir),
+        # `doctor`'s findings as the daemon's last check saw them (run `doctor` for now)
+        "doctor": [{"id": f.get("id"), "severity": f.get("severity"), "subject": f.get("subject")}
+                   for f in facts.get("doctor") or []],
     }
 
 
@@ -205,4 +208,7 @@ def format_status(st: dict[str, Any]) -> str:
                      "swap, could not be loaded back: modprobe NAME)")
     lines.append(f"stop budget  {st['stop_budget_s']:g}s (terminationGracePeriodSeconds, "
                  "TimeoutStopSec= at least this)")
+    lines.append("doctor       " + (", ".join(f"{f['id']} ({f['subject']})" for f in st["doctor"])
+                                    or "no finding") + " (at the last check; `mofed-lifecycle "
+                 "doctor` for details)")
     return "\n".join(lines)

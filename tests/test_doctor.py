@@ -200,3 +200,21 @@ def test_iommu_passthrough_on_the_command_line_is_no_finding():
     assert diagnose(f) == []
     f.cmdline = "ro quiet intel_iommu=on"
     assert [x.id for x in diagnose(f)] == ["iommu-translated"]
+
+
+def test_the_daemon_logs_each_finding_once_and_shows_them_in_status_and_metrics(make_node):
+    from .test_lifecycle import events
+
+    root, _k = node(make_node, host='iommu = "translated"\ngpus = 2\ndefault_route = '
+                    '"enp8s0f0np0"')
+    r = lifecycle(root, "--once", env={"METRICS_TEXTFILE": "/run/metrics/m.prom"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [e for e in events(r.stderr) if e["event"] == "doctor.finding"]
+    assert sorted(e["id"] for e in said) == ["iommu-translated", "uplink-on-reloaded-pf"]
+    assert all(e["next"] and e["when"] == "start" for e in said)
+    st = json.loads(run_cli(["status", "--root", str(root), "--json"]).stdout)
+    assert sorted(f["id"] for f in st["doctor"]) == ["iommu-translated", "uplink-on-reloaded-pf"]
+    text = (root / "run/metrics/m.prom").read_text()
+    assert 'mofed_lifecycle_doctor_findings{id="iommu-translated",severity="error"} 1.0' in text
+    assert "doctor       iommu-translated (iommu)" in run_cli(["status", "--root",
+                                                                str(root)]).stdout

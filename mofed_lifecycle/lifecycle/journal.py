@@ -61,6 +61,7 @@ class Facts(TypedDict, total=False):
     restore: dict[str, Any] | None  # this run's restore summary
     # `run sources`: how the driver got here (mode, cache_hit, builds, kernel, fingerprint...)
     provision: dict[str, Any]
+    doctor: list[dict[str, Any]]  # the findings of the last check (start, before a reload)
 
 
 def valid_journal(doc: Any) -> bool | str:

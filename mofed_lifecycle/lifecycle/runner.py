@@ -67,6 +67,8 @@ class Runner:
                                     timeout_s=config.tool_timeout_s)
         self.headers_mounted = False  # by this process (one found at start is stale)
         self.failed_in: State | None = None  # the state whose step failed last
+        self.doctor_said: set[str] = set()  # findings logged already (once each)
+        self.doctor_ran = False
         self.udev_rule = node.paths.resolve(config.udev_rules_file)
         self.log = get_logger("lifecycle")
         self.pid = os.getpid()

@@ -32,6 +32,7 @@ from ..sriov.validate import snapshot_problem
 from .blacklist import remove_blacklist, write_blacklist
 from .budget import BudgetSpent, ToolDeadline
 from .decide import CORE, NFSRDMA_COMPARED, compared_modules, decide
+from .doctor_step import run_doctor
 from .errors import StepFailed
 from .machine import Outcome, State
 from .preflight import plan
@@ -56,6 +57,9 @@ def step_inspect(r: Runner) -> Outcome:
     r.facts = read_module_facts(r.node.paths)
     r.loaded = loaded_srcversions(r.node.paths, modules)
     r.installed = installed_srcversions(modules, r.node.commands, ToolDeadline(r.config).timeout)
+    if not r.doctor_ran:  # once per start; again before each reload (preflight)
+        r.doctor_ran = True
+        run_doctor(r, "start")
     if not any(r.installed.get(m) for m in CORE):
         hint = (" (this looks like a sources image, NVIDIA_NIC_DRIVER_PATH is set: its command "
                 "is `mofed-lifecycle run sources`)" if r.config.driver_path and
@@ -112,6 +116,7 @@ def step_preflight(r: Runner) -> Outcome:
         r.facts = read_module_facts(r.node.paths)
     r.preflight = plan(r.facts, r.config)
     r.journal.set(preflight=r.preflight.to_json())
+    run_doctor(r, "before the reload")
     if r.preflight.refused:
         reason = "; ".join(r.preflight.refusals) or r.preflight.refused
         r.journal.set(reason=reason)

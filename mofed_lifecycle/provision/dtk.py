@@ -128,11 +128,22 @@ def done_for_this_build(shared: Path, spec: BuildSpec) -> bool:
 
 
 def build_under_way(shared: Path, spec: BuildSpec) -> bool:
-    """Our sidecar is alive (its lock held) and building this very build: a main container
-    restarted mid-build waits for it instead of preparing again under its feet."""
+    """Our sidecar is alive (its lock held) and building this very build, or about to take its
+    start flag: a main container restarted (or re-checking) waits for it instead of preparing
+    again under its feet."""
     side = look_at_sidecar(shared)
-    return (side.beating and not side.lock_free and side.phase == "building"
-            and side.fingerprint == spec.digest())
+    if not side.beating or side.lock_free:
+        return False
+    if side.phase == "building":
+        return side.fingerprint == spec.digest()
+    # alive, and about to take a start flag already there for this build: preparing again would
+    # pull the sources from under it
+    try:
+        same = (shared / DTK_BUILDCONFIG).read_text() == spec.fingerprint()
+    except OSError:
+        same = False
+    return same and (shared / START_FLAG).exists() and (
+        shared / f"MLNX_OFED_SRC-{spec.version}" / "install.pl").is_file()
 
 
 def prepare(shared: Path, source: Path, spec: BuildSpec, *, heartbeat_s: float,
