@@ -38,6 +38,7 @@ from .config_values import (  # noqa: F401 - some re-exported: callers parse wit
     parse_space_modules,
     parse_text,
     parse_udev_rules_path,
+    parse_uplink_policy,
     parse_version,
     seconds_in,
 )
@@ -169,6 +170,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("VF_BIND_WORKERS", "vf_bind_workers", parse_count, "16",
          "VF bind writes in flight at once; each lasts its VF's driver probe, so where the NIC "
          "probes in parallel the VFs come back about as fast as the slowest probe"),
+    Spec("UPLINK_POLICY", "uplink_policy", parse_uplink_policy, "restore",
+         "the node's default route on a ConnectX PF the reload takes down (directly or through a "
+         "bond or VLAN): restore (its addresses, routes, MTU and bond membership saved, then "
+         "re-applied as soon as the PF is back, before its VFs), refuse (the reload), ignore "
+         "(warn only)"),
     Spec("READY_ON_PARTIAL_RESTORE", "ready_on_partial_restore", parse_bool, "true",
          "set the readiness marker when some VFs could not be restored (they are reported by PCI "
          "address in the log and status.json, and retried at the next start); false: stay not "
@@ -248,6 +254,7 @@ class Config:
     vf_restore_timeout_s: float
     vf_restore_workers: int
     vf_bind_workers: int
+    uplink_policy: str
     ready_on_partial_restore: bool
     heartbeat_interval_s: float
     metrics_textfile: str

@@ -185,6 +185,13 @@ def parse_udev_rules_path(text: str) -> str:
     return path
 
 
+def parse_uplink_policy(text: str) -> str:
+    if text.lower() not in ("restore", "refuse", "ignore"):
+        raise ValueError("expected restore (save and re-apply its addresses and routes), refuse "
+                         "(refuse the reload) or ignore (only warn)")
+    return text.lower()
+
+
 def parse_text(text: str) -> str:
     if CONTROL_RE.search(text):
         raise ValueError("expected printable text on one line (no control characters)")

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
+from .netlink_l3 import L3Mixin
 from .netlink_types import (
     LinkChange,
     LinkInfo,
@@ -218,7 +219,7 @@ class _Serialized:
         return call
 
 
-class PyrouteNetlink:
+class PyrouteNetlink(L3Mixin):
     """`Netlink` on this node's kernel (or inside network namespace `netns`, which must exist)."""
 
     def __init__(self, netns: str | None = None) -> None:

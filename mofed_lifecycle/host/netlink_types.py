@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 LinkState = Literal["auto", "enable", "disable"]
 ZERO_GUID = "00:00:00:00:00:00:00:00"
@@ -96,6 +96,22 @@ class LinkChange:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Route:
+    """One route through a netdev (the uplink protection's): `dst` "default" or a CIDR."""
+
+    dst: str
+    gateway: str | None = None
+    priority: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dst": self.dst, "gateway": self.gateway, "priority": self.priority}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Route:
+        return cls(str(d["dst"]), d.get("gateway"), d.get("priority"))
+
+
 class Netlink(Protocol):
     """The operations the daemon performs over rtnetlink. Raise NetlinkError on refusal."""
 
@@ -127,5 +143,18 @@ class Netlink(Protocol):
     def del_altname(self, name: str, altname: str) -> None:
         """Remove alternative name `altname` of netdev `name` (RTM_DELLINKPROP)."""
         ...
+
+    # the uplink's layer 3 (host/netlink_l3.py): adding what is there already is no error
+    def addresses(self, name: str) -> list[str]: ...
+
+    def add_address(self, name: str, cidr: str) -> None: ...
+
+    def routes(self, name: str) -> list[Route]: ...
+
+    def add_route(self, name: str, route: Route) -> None: ...
+
+    def master(self, name: str) -> str | None: ...
+
+    def set_master(self, name: str, master: str) -> None: ...
 
     def close(self) -> None: ...

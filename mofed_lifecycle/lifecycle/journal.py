@@ -62,6 +62,7 @@ class Facts(TypedDict, total=False):
     # `run sources`: how the driver got here (mode, cache_hit, builds, kernel, fingerprint...)
     provision: dict[str, Any]
     doctor: list[dict[str, Any]]  # the findings of the last check (start, before a reload)
+    uplink: dict[str, Any] | None  # UPLINK_POLICY=restore: the uplink saved before the reload
 
 
 def valid_journal(doc: Any) -> bool | str:

@@ -38,6 +38,7 @@ from .machine import Outcome, State
 from .preflight import plan
 from .steps_provision import preload_host_dependencies, step_provision
 from .steps_restore import pending_snapshot, restore_vfs, step_restore
+from .uplink import check_uplink
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -125,6 +126,8 @@ def step_preflight(r: Runner) -> Outcome:
                        next="the node is untouched; fix the reason and the daemon proceeds at "
                             "its next re-check")
         return Outcome.REFUSED
+    if (refused := check_uplink(r)) is not None:  # UPLINK_POLICY
+        return refused
     r.journal.set(reason=None)
     r.log.info("preflight.ok", unload=list(r.preflight.unload),
                   reload_after=list(r.preflight.reload_after))

@@ -13,6 +13,7 @@ from ..sriov.restore import restore
 from ..sriov.snapshot import load_snapshot, pf_ifindexes
 from .errors import StepFailed
 from .machine import Outcome, State
+from .uplink import reapply_uplink
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -56,7 +57,9 @@ def restore_vfs(r: Runner, *, unwinding: bool) -> None:
     # never leaves the node without its VFs
     result = restore(r.node, todo, deadline_s=r.config.vf_restore_timeout_s,
                      workers=r.config.vf_restore_workers, stop=threading.Event(),
-                     log=r.log, bind_workers=r.config.vf_bind_workers)
+                     log=r.log, bind_workers=r.config.vf_bind_workers,
+                     on_pf_back=lambda pci: reapply_uplink(r, pci))  # before that PF's VFs
+    reapply_uplink(r)  # (its PF had nothing to restore: now, if it is back)
     summary = result.to_json()
     done |= set(result.restored)
     r.journal.set(restore=summary, restore_pending=bool(result.failed),

@@ -32,6 +32,31 @@ class HostMixin:
         self.note("route.default", name=dev)
         self.dirty = True
 
+    # ---- addresses and routes (rtnetlink RTM_*ADDR, RTM_*ROUTE): the uplink's ----------------
+    def nl_addrs(self: SimKernel, name: str) -> list[str]:
+        return list(self._netdev(name).addresses)
+
+    def nl_addr_add(self: SimKernel, name: str, cidr: str) -> None:
+        nd = self._netdev(name)
+        if cidr in nd.addresses:
+            raise KernelError(errno.EEXIST, "File exists")
+        nd.addresses.append(cidr)
+        self.note("addr.added", name=nd.name, address=cidr)
+        self.dirty = True
+
+    def nl_routes(self: SimKernel, name: str) -> list[dict[str, object]]:
+        nd = self._netdev(name)
+        return [{"dst": "default", "gateway": None, "priority": None}] \
+            if self.st.default_route == nd.name else []
+
+    def nl_route_add(self: SimKernel, name: str, dst: str) -> None:
+        nd = self._netdev(name)
+        if dst != "default":
+            raise KernelError(errno.EOPNOTSUPP, "the simulated node routes the default only")
+        if self.st.default_route == nd.name:
+            raise KernelError(errno.EEXIST, "File exists")
+        self.set_default_route(nd.name)
+
     def set_fw(self: SimKernel, pci: str, next_boot_num_of_vfs: int) -> None:
         pf = self.st.pfs.get(pci)
         if pf is None:

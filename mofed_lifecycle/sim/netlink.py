@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
@@ -10,6 +11,7 @@ from ..host.netlink_types import (
     LinkChange,
     LinkInfo,
     NetlinkError,
+    Route,
     VfChange,
     VfSettings,
     vf_infos,
@@ -63,6 +65,37 @@ class SimNetlink:
     def del_altname(self, name: str, altname: str) -> None:
         self._call(f"delete altname {altname} of {name}", "nl_del_altname", name=name,
                    altname=altname)
+
+    # addresses and routes (host/netlink_l3.py's operations); a node without bonds
+    def addresses(self, name: str) -> list[str]:
+        rows: Any = self._call(f"list addresses of {name}", "nl_addrs", name=name)
+        return [str(a) for a in rows]
+
+    def add_address(self, name: str, cidr: str) -> None:
+        try:
+            self._call(f"add address {cidr} to {name}", "nl_addr_add", name=name, cidr=cidr)
+        except NetlinkError as e:
+            if e.errno != errno.EEXIST:
+                raise
+
+    def routes(self, name: str) -> list[Route]:
+        rows: Any = self._call(f"list routes through {name}", "nl_routes", name=name)
+        return [Route.from_json(r) for r in rows]
+
+    def add_route(self, name: str, route: Route) -> None:
+        try:
+            self._call(f"add route {route.dst} dev {name}", "nl_route_add", name=name,
+                       dst=route.dst)
+        except NetlinkError as e:
+            if e.errno != errno.EEXIST:
+                raise
+
+    def master(self, name: str) -> str | None:
+        self.link(name)
+        return None
+
+    def set_master(self, name: str, master: str) -> None:
+        raise NetlinkError(errno.EOPNOTSUPP, "the simulated node has no bonds")
 
     def close(self) -> None:
         """The client belongs to the node; it is closed with it."""

@@ -98,6 +98,10 @@ class KernelServer:
             "nl_set_link": lambda: k.nl_set_link(args["name"], args["change"]),
             "nl_del_altname": lambda: k.nl_del_altname(args["name"], args["altname"]),
             "set_default_route": lambda: k.set_default_route(args["dev"]),
+            "nl_addrs": lambda: k.nl_addrs(args["name"]),
+            "nl_addr_add": lambda: k.nl_addr_add(args["name"], args["cidr"]),
+            "nl_routes": lambda: k.nl_routes(args["name"]),
+            "nl_route_add": lambda: k.nl_route_add(args["name"], args["dst"]),
             "set_fw": lambda: k.set_fw(args["pf"], int(args["next_boot_num_of_vfs"])),
             "modprobe": lambda: [x for n in args["names"] for x in
                                  k.load_module(n, use_blacklist=args.get("blacklist", False),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,7 @@ class Restorer:
         self.binding: set[str] = set()  # VFs whose bind is queued or in the kernel
         self.lock = threading.Lock()  # the writers' outcomes vs the restore's report
         self.result = RestoreResult()
+        self.on_pf_back: Callable[[str], None] | None = None
         self.no_netdev: set[str] = set()  # VFs restored with no netdev work to do
         self.not_kept: dict[str, str] = {}  # VF PCI -> settings read back otherwise (still bound)
 
@@ -210,6 +212,8 @@ class Restorer:
 
     def restore_pf(self, pf: PfSnapshot, readiness: Readiness) -> None:
         """On a PF worker, once the PF's netdev is back: its link, then its VFs."""
+        if self.on_pf_back is not None:
+            self.on_pf_back(pf.pci)
         self.retrying(f"set the link of {pf.pci}", self.restore_link, pf, pf.netdev)
         dev = self.paths.pci_device(pf.pci)
         current = int((dev / "sriov_numvfs").read_text().strip() or 0)
@@ -389,6 +393,11 @@ class Restorer:
 
 
 def restore(node: Node, snapshot: Snapshot, *, deadline_s: float, workers: int,
-            stop: threading.Event, log: Any, bind_workers: int = BIND_WORKERS) -> RestoreResult:
-    return Restorer(node, snapshot, deadline_s=deadline_s, workers=workers, stop=stop,
-                    log=log, bind_workers=bind_workers).run()
+            stop: threading.Event, log: Any, bind_workers: int = BIND_WORKERS,
+            on_pf_back: Callable[[str], None] | None = None) -> RestoreResult:
+    """`on_pf_back(pci)`: called as each PF's netdev is back, before anything of it is restored
+    (the uplink re-applied there)."""
+    r = Restorer(node, snapshot, deadline_s=deadline_s, workers=workers, stop=stop, log=log,
+                 bind_workers=bind_workers)
+    r.on_pf_back = on_pf_back
+    return r.run()
