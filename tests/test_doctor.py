@@ -218,3 +218,26 @@ def test_the_daemon_logs_each_finding_once_and_shows_them_in_status_and_metrics(
     assert 'mofed_lifecycle_doctor_findings{id="iommu-translated",severity="error"} 1.0' in text
     assert "doctor       iommu-translated (iommu)" in run_cli(["status", "--root",
                                                                 str(root)]).stdout
+
+
+def test_the_readmes_doctor_output_is_what_doctor_prints(tmp_path):
+    """README's "Diagnosing a node" shows doctor on the example broken node: kept true."""
+    from mofed_lifecycle.sim.node import init_node, stop_kernel
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    block = readme.split("paths shown as the node sees them):\n\n```\n", 1)[1].split("\n```", 1)[0]
+    root = tmp_path / "broken"
+    init_node(repo / "mofed_lifecycle/sim/examples/doctor-broken.toml", root)
+    try:
+        r = run_cli(["doctor", "--root", str(root), "--rdma-config",
+                     "tests/scenarios/rdma-dp-bad.json"]) if Path.cwd() == repo else None
+        if r is None:  # run from elsewhere: the same file by its absolute path
+            r = run_cli(["doctor", "--root", str(root), "--rdma-config",
+                         str(repo / "tests/scenarios/rdma-dp-bad.json")])
+            block = block.replace("tests/scenarios/rdma-dp-bad.json",
+                                  str(repo / "tests/scenarios/rdma-dp-bad.json"))
+    finally:
+        stop_kernel(root)
+    assert r.returncode == 1
+    assert r.stdout.rstrip().replace(str(root), "") == block
