@@ -241,3 +241,18 @@ def test_the_readmes_doctor_output_is_what_doctor_prints(tmp_path):
         stop_kernel(root)
     assert r.returncode == 1
     assert r.stdout.rstrip().replace(str(root), "") == block
+
+
+def test_sim_set_changes_the_host_between_runs_and_doctor_sees_it(make_node):
+    root, _k = node(make_node, host='iommu = "passthrough"\ngpus = 2')
+    assert doctor(root) == (0, [])
+    r = run_cli(["sim", "set", "--root", str(root), "iommu", "translated"])
+    assert r.returncode == 0, r.stderr
+    assert ids(doctor(root)[1]) == ["iommu-translated"]
+    assert run_cli(["sim", "set", "--root", str(root), "fw", "0000:08:00.0",
+                    "next_boot_numvfs=4"]).returncode == 0
+    assert ids(doctor(root)[1]) == ["fw-numvfs-pending", "iommu-translated"]
+    assert run_cli(["sim", "set", "--root", str(root), "iommu", "passthrough"]).returncode == 0
+    assert ids(doctor(root)[1]) == ["fw-numvfs-pending"]
+    r = run_cli(["sim", "set", "--root", str(root), "iommu", "maybe"])
+    assert r.returncode == 2 and "one of passthrough, translated, off" in r.stderr

@@ -74,7 +74,28 @@ SET_ACTIONS = {  # WHAT -> (arguments, what it does)
     "module-load": ("NAME", "modprobe NAME, with its dependencies"),
     "route-default": ("DEV", "the default route through netdev DEV ('none': no default route)"),
     "fw": ("PF_PCI next_boot_numvfs=N", "firmware NUM_OF_VFS for the next cold boot"),
+    "iommu": ("MODE", "passthrough|translated|off: the IOMMU groups, command line and boot log "
+                      "as after a reboot with it"),
 }
+
+
+def set_iommu(root: Path, mode: str) -> dict[str, Any]:
+    """The node rebooted with another IOMMU mode: only files change (what `doctor` reads)."""
+    import dataclasses
+    import shutil
+
+    from .scenario_host import IOMMU_MODES
+    from .scenario_parse import load_scenario
+    from .tree import PCI_PARENT
+    from .tree_host import render_host
+
+    if mode not in IOMMU_MODES:
+        raise AdminError(f"iommu {mode!r}: one of {', '.join(IOMMU_MODES)}")
+    sc = load_scenario(root / ".sim" / "scenario.toml")
+    shutil.rmtree(root / "sys/kernel/iommu_groups", ignore_errors=True)
+    render_host(root, dataclasses.replace(sc, host=dataclasses.replace(sc.host, iommu=mode)),
+                PCI_PARENT)
+    return {"changed": "iommu", "iommu": mode}
 
 
 def set_node(root: Path, words: list[str]) -> dict[str, Any]:
@@ -86,6 +107,8 @@ def set_node(root: Path, words: list[str]) -> dict[str, Any]:
     expected = SET_ACTIONS[what][0]
     if len(args) != len(expected.split()):
         raise AdminError(f"usage: sim set --root DIR {what} {expected}")
+    if what == "iommu":
+        return set_iommu(root, args[0])
     with KernelClient(root) as k:
         try:
             if what == "module-unload":
