@@ -407,7 +407,8 @@ def test_a_sidecar_restarted_after_dying_takes_the_build_and_the_node_gets_ready
         main.kill()
         side.send_signal(signal.SIGTERM)
         side.communicate(timeout=30)
-    assert builds(root)[-1] == "build.end" and builds(root).count("build.end") == 1
+    assert builds(root)[-1] == "build.end" and builds(root).count("build.end") == 1, \
+        read_record(root)
     assert installed_driver_loaded(k, text) and main.returncode == 0
     died = [e for e in events(err) if e["event"] == "step.failed"]
     assert len(died) == 1 and "died during the build" in died[0]["error"]  # reported once

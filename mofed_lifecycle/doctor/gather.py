@@ -119,7 +119,11 @@ def vendor_was_ready(tools: Tools, config: Config) -> bool:
         return False
 
 
-def gather(tools: Tools, config: Config, rdma_config: Path | None = None) -> NodeFacts:
+def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
+           firmware_cache: dict[str, list[PfFirmware]] | None = None) -> NodeFacts:
+    """`firmware_cache`: mstconfig's answers kept across calls (the daemon's: the firmware's
+    configuration changes only by an administrator's mstconfig, and each call costs seconds on
+    a real card)."""
     p = tools.paths
     f = NodeFacts()
     f.connectx, f.gpus, pfs = connectx_devices(tools)
@@ -135,7 +139,15 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None) -> Nod
     snap, _damaged, _used = load_snapshot(journal_dir(p, config))
     wanted = {pf.pci: pf.numvfs for pf in snap.pfs} if snap else {}
     if f.connectx:
-        f.firmware = firmware(tools, pfs, wanted)
+        key = ",".join(sorted(pfs))
+        if firmware_cache is not None and key in firmware_cache:
+            f.firmware = [PfFirmware(x.pci, x.num_vfs, x.sriov_en,
+                                     max(x.wanted_vfs, wanted.get(x.pci, 0)), x.source)
+                          for x in firmware_cache[key]]
+        else:
+            f.firmware = firmware(tools, pfs, wanted)
+            if firmware_cache is not None:
+                firmware_cache[key] = f.firmware
     if rdma_config is not None:
         f.rdma_file = str(rdma_config)
         f.rdma_problems = check(_read(rdma_config) if rdma_config.exists() else "", f.connectx)

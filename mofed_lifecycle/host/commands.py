@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +31,17 @@ def _die_with_parent() -> None:
     run's feet."""
     if _PRCTL is not None:  # elsewhere (not Linux/glibc) the child may outlive us
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """`_die_with_parent`, and if the parent died between fork and prctl (the signal then never
+    comes: the child is already an orphan) the child exits at once instead of running."""
+    def preexec() -> None:
+        _die_with_parent()
+        if os.getppid() != parent:
+            os._exit(127)
+
+    return preexec
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ def run_command(argv: Sequence[str], *, timeout_s: float, env: Mapping[str, str]
         proc = subprocess.Popen(  # noqa: S603 - argument list, never a shell
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=dict(env) if env is not None else None, start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only async-signal-safe work (prctl)
+            preexec_fn=_dies_with(os.getpid()),  # noqa: PLW1509 - async-signal-safe work only
         )
     except OSError as e:
         log.error("command.not_started", argv=list(argv), error=e.strerror,
@@ -193,7 +204,7 @@ def run_logged(argv: Sequence[str], *, log_path: Path, timeout_s: float, stop: t
             proc = subprocess.Popen(  # noqa: S603 - argument list, never a shell
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - async-signal-safe work only
+                preexec_fn=_dies_with(os.getpid()),  # noqa: PLW1509 - async-signal-safe work only
             )
         except OSError as e:
             log.error("command.not_started", argv=list(argv), error=e.strerror,

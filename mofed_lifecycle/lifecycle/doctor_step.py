@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 def run_doctor(r: Runner, when: str) -> None:
     try:
-        findings = diagnose(gather(Tools(r.node.paths, r.node.commands), r.config))
+        findings = diagnose(gather(Tools(r.node.paths, r.node.commands), r.config,
+                                   firmware_cache=r.firmware_facts))
     except (OSError, ValueError, CommandTimeout) as e:  # a check that cannot read: said, no harm
         r.log.warning("doctor.unavailable", when=when, error=str(e))
         return

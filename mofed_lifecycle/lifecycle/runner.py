@@ -69,6 +69,7 @@ class Runner:
         self.failed_in: State | None = None  # the state whose step failed last
         self.doctor_said: set[str] = set()  # findings logged already (once each)
         self.doctor_ran = False
+        self.firmware_facts: dict[str, Any] = {}  # mstconfig's answers, read once per start
         self.udev_rule = node.paths.resolve(config.udev_rules_file)
         self.log = get_logger("lifecycle")
         self.pid = os.getpid()

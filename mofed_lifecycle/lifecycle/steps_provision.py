@@ -133,7 +133,7 @@ def _build_dtk(r: Runner, spec: BuildSpec, info: dict[str, Any]) -> list[Path]:
         # the sidecar's build ends before our wait does, so that its failure is reported
         sidecar_timeout = min(c.build_timeout_s, 0.95 * c.dtk_build_timeout_s)
         prepare(shared, paths.resolve(c.driver_path), spec, heartbeat_s=c.heartbeat_interval_s,
-                build_timeout_s=sidecar_timeout)
+                build_timeout_s=sidecar_timeout)  # False: its build is under way: waited for
     info["dtk_noticed_at"] = wait_for_build(
         shared, spec, timeout_s=c.dtk_build_timeout_s, heartbeat_s=c.heartbeat_interval_s,
         progress_s=c.build_progress_s, stop=r.stop)

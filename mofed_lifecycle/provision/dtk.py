@@ -23,6 +23,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from .plan import (
     DTK_FAILED,
     DTK_HEARTBEAT,
     DTK_LOCK,
+    DTK_PREPARE_LOCK,
     DTK_SCRIPT,
     START_FLAG,
     BuildSpec,
@@ -146,14 +148,45 @@ def build_under_way(shared: Path, spec: BuildSpec) -> bool:
         shared / f"MLNX_OFED_SRC-{spec.version}" / "install.pl").is_file()
 
 
+class SidecarBuilding(RuntimeError):
+    """Our sidecar holds the prepare lock: a build is under way; wait for it, do not prepare."""
+
+
+@contextlib.contextmanager
+def preparing(shared: Path) -> Iterator[None]:
+    """The prepare lock, exclusively and at once, or SidecarBuilding."""
+    shared.mkdir(parents=True, exist_ok=True)
+    fd = os.open(shared / DTK_PREPARE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SidecarBuilding(str(shared)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare(shared: Path, source: Path, spec: BuildSpec, *, heartbeat_s: float,
-            build_timeout_s: float) -> None:
-    """Fill the shared directory for a build and create the start flag (last, atomically)."""
-    log = get_logger("provision")
+            build_timeout_s: float) -> bool:
+    """Fill the shared directory for a build and create the start flag (last, atomically).
+    False (nothing touched) when our sidecar is building right now: wait for that build."""
     if not (source / "install.pl").is_file():
         raise ProvisionError(f"no install.pl in {source}: NVIDIA_NIC_DRIVER_PATH must be the "
                              "unpacked driver source tree, which the DTK sidecar builds")
-    shared.mkdir(parents=True, exist_ok=True)
+    try:
+        with preparing(shared):
+            _fill(shared, source, spec, heartbeat_s=heartbeat_s, build_timeout_s=build_timeout_s)
+    except SidecarBuilding:
+        get_logger("provision").info("dtk.sidecar_building", shared_dir=str(shared),
+                                     why="its build holds the prepare lock: waiting for it")
+        return False
+    return True
+
+
+def _fill(shared: Path, source: Path, spec: BuildSpec, *, heartbeat_s: float,
+          build_timeout_s: float) -> None:
+    log = get_logger("provision")
     stale = [START_FLAG, done_flag_name(spec.version), DTK_FAILED]
     if _lock_free(shared / DTK_LOCK):  # no sidecar alive: its last heartbeat says nothing now
         stale.append(DTK_HEARTBEAT)

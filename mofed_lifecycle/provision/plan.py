@@ -36,6 +36,9 @@ DTK_SCRIPT = "dtk_nic_driver_build.sh"  # what the operator's sidecar runs from 
 DTK_ENTRYPOINT = "entrypoint"  # what that script execs as `entrypoint dtk-build`
 DTK_HEARTBEAT = "dtk_heartbeat.json"  # ours: an upstream sidecar writes none
 DTK_LOCK = "dtk_sidecar.lock"  # ours: held by a running sidecar (free once it has died)
+# ours: the main container holds it exclusively while it fills the directory, our sidecar shared
+# while it builds: neither pulls the sources from under the other
+DTK_PREPARE_LOCK = "dtk_prepare.lock"
 DTK_FAILED = "dtk_build_failed.json"  # ours: the sidecar's last build failed (why, log tail)
 DTK_BUILDCONFIG = "dtk.buildconfig"  # ours: the fingerprint the done flag was built for
 CHECKSUM_SUFFIX = ".checksum"

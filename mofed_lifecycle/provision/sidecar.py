@@ -12,6 +12,7 @@ HEARTBEAT_INTERVAL_SEC, which the main container checks (dtk.py); a failed build
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -19,7 +20,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .plan import (
     DTK_FAILED,
     DTK_HEARTBEAT,
     DTK_LOCK,
+    DTK_PREPARE_LOCK,
     START_FLAG,
     done_flag_name,
     install_args,
@@ -120,13 +122,33 @@ class Sidecar:
             while not self.stop.is_set():
                 if not self.wait_for_start():
                     break
-                self.build_once()
+                with self.building():  # the main container fills the directory first
+                    if (self.shared / START_FLAG).exists() and not self.stop.is_set():
+                        self.build_once()
         finally:
             self.phase = "stopped"
             self.beat()
             os.close(lock_fd)  # let go last: a main container sees "stopped", not "died"
         self.log.info("dtk.exit", builds=self.builds)
         return EXIT_OK
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """The prepare lock, shared, for the whole build: waits while the main container holds
+        it (it is filling the directory), and keeps it from preparing again mid-build."""
+        fd = os.open(self.shared / DTK_PREPARE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if self.stop.wait(0.05):  # the main container fills it: seconds at most
+                        break
+            yield
+        finally:
+            os.close(fd)
 
     def wait_for_start(self) -> bool:
         flag = self.shared / START_FLAG

@@ -15,6 +15,7 @@ recorded in `.sim/build.jsonl` (wall-clock times) for the report's `build_s`.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -131,7 +132,8 @@ def install_pl(root: Path, sc: Scenario, argv0: str, argv: list[str], out: Any, 
               f"{sc.kernel})", file=err)
         return 1
     attempts = sum(1 for r in read_record(root) if r["event"] == "build.start") + 1
-    record(root, "build.start", attempt=attempts, source=str(source), argv=argv)
+    record(root, "build.start", attempt=attempts, source=str(source), argv=argv,
+           pid=os.getpid(), ppid=os.getppid())
     total = sc.scaled(sc.build.build_s)
     failing = attempts <= sc.build.build_failures
     steps = 10
@@ -148,7 +150,7 @@ def install_pl(root: Path, sc: Scenario, argv0: str, argv: list[str], out: Any, 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / package_name(sc)).write_bytes(package_bytes(sc))
     print(f"Build passed: {dest / package_name(sc)}", file=out, flush=True)
-    record(root, "build.end", attempt=attempts)
+    record(root, "build.end", attempt=attempts, pid=os.getpid())
     return 0
 
 

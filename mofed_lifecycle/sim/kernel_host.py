@@ -66,5 +66,6 @@ class HostMixin:
             raise KernelError(errno.EINVAL, f"NUM_OF_VFS {next_boot_num_of_vfs!r} out of range "
                               f"0..{FW_MAX_VFS}")
         pf.fw["next_boot_num_of_vfs"] = next_boot_num_of_vfs
+        self.tree.firmware(self.st)
         self.note("fw.set", pf=pci, next_boot_num_of_vfs=next_boot_num_of_vfs)
         self.dirty = True

@@ -36,8 +36,8 @@ def tool_script(tool: str, root: Path) -> str:
         f"# Simulated `{tool}` of the node at {root} (written by `mofed-lifecycle sim init`).\n"
         "import sys\n"
         f"sys.path.insert(0, {PKG_PARENT!r})\n"
-        + ("from mofed_lifecycle.sim.tool_modinfo import main\n"
-           f"sys.exit(main({str(root)!r}))\n" if tool == "modinfo" else
+        + (f"from mofed_lifecycle.sim.tool_{tool} import main\n"
+           f"sys.exit(main({str(root)!r}))\n" if tool in ("modinfo", "mstconfig") else
            "from mofed_lifecycle.sim.tools import main\n"
            f"sys.exit(main({tool!r}, {str(root)!r}))\n")
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from . import tool_modinfo
+from . import tool_modinfo, tool_mstconfig
 from .errors import SimKernelError
 
 if TYPE_CHECKING:
@@ -297,37 +297,7 @@ def compiler(tool: str) -> Tool:
 
 
 def mstconfig(root: Path, argv: list[str]) -> int:
-    """`mstconfig [-e] -d PCI q [PARAM...]`: the PF's firmware configuration as NVRAM holds it,
-    with `-e` its Default, Current and Next Boot columns (a change waits for a cold boot)."""
-    if "-d" not in argv[:-1] or "q" not in argv and "query" not in argv:
-        print("-E- the simulated mstconfig only knows: mstconfig [-e] -d PCI q [PARAM...]",
-              file=err())
-        return 1
-    pci = argv[argv.index("-d") + 1]
-    with kernel(root) as k:
-        pf = k.call("state")["pfs"].get(pci)
-    if pf is None:
-        print(f"-E- Failed to open device: {pci}. No such device", file=err())
-        return 1
-    fw = pf["fw"]
-
-    def b(v: bool) -> str:
-        return "True(1)" if v else "False(0)"
-
-    rows = {"NUM_OF_VFS": ("8", str(fw["num_of_vfs"]), str(fw["next_boot_num_of_vfs"])),
-            "SRIOV_EN": (b(True), b(fw["sriov_en"]), b(fw["sriov_en"]))}
-    wanted = [a for a in argv[argv.index("q" if "q" in argv else "query") + 1:] if a in rows]
-    print("\nDevice #1:\n----------\n\nDevice type:        ConnectX6DX\n"
-          f"Device:             {pci}\n", file=out())
-    head = "Configurations:" + " " * 26
-    print(head + ("Default             Current             Next Boot" if "-e" in argv
-                  else "Next Boot"), file=out())
-    for name in wanted or list(rows):
-        d, c, n = rows[name]
-        mark = "*" if "-e" in argv and (c != d or n != d) else " "
-        cols = f"{d:<20}{c:<20}{n}" if "-e" in argv else n
-        print(f"{mark}        {name:<32}{cols}", file=out())
-    return 0
+    return tool_mstconfig.mstconfig(str(root), argv, out(), err())
 
 
 def install_pl(root: Path, argv: list[str]) -> int:

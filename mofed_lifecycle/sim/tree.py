@@ -7,6 +7,7 @@ object and is idempotent, so the kernel can update exactly what changed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -143,6 +144,10 @@ class Tree:
         _write(path, ko_text(self.sc.kernel, f"{path.parent.name}/{path.name}", name, version,
                              srcversion, deps))
 
+    def firmware(self, st: KernelState) -> None:
+        """`.sim/fw.json`: each PF's firmware configuration, for the stand-in mstconfig."""
+        _write(self.root / ".sim/fw.json", json.dumps({p.pci: p.fw for p in st.pfs.values()}))
+
     def route(self, st: KernelState) -> None:
         """/proc/net/route: the default route through `st.default_route`, as the kernel lists it."""
         rows = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\t"
@@ -167,6 +172,7 @@ class Tree:
         for pf in st.pfs.values():
             self.eswitch(st, pf)
         self.route(st)
+        self.firmware(st)
 
     # ---- modules ---------------------------------------------------------------------------
     def modules(self, st: KernelState) -> None:
