@@ -256,3 +256,20 @@ def test_sim_set_changes_the_host_between_runs_and_doctor_sees_it(make_node):
     assert ids(doctor(root)[1]) == ["fw-numvfs-pending"]
     r = run_cli(["sim", "set", "--root", str(root), "iommu", "maybe"])
     assert r.returncode == 2 and "one of passthrough, translated, off" in r.stderr
+
+
+def test_an_ipv6_only_default_route_is_seen_too(tmp_path):
+    from mofed_lifecycle.doctor.gather import default_route_dev
+    from mofed_lifecycle.host.commands import Commands
+    from mofed_lifecycle.host.node import Tools
+    from mofed_lifecycle.host.paths import NodePaths
+
+    (tmp_path / "proc/net").mkdir(parents=True)
+    (tmp_path / "proc/net/route").write_text("Iface\tDestination\tGateway\n")
+    (tmp_path / "proc/net/ipv6_route").write_text(
+        "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 "
+        "00000000000000000000000000000000 00000100 00000001 00000000 00000001 enp8s0f0np0\n"
+        "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+        "fd000000000000000000000000000001 00000400 00000001 00000000 00000003 enp8s0f0np0\n")
+    tools = Tools(NodePaths.at(tmp_path), Commands({}))
+    assert default_route_dev(tools) == "enp8s0f0np0"

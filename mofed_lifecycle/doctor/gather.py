@@ -95,10 +95,15 @@ def firmware(tools: Tools, pfs: dict[str, Path], wanted: dict[str, int]) -> list
 
 
 def default_route_dev(tools: Tools) -> str | None:
+    """The netdev of the default route: IPv4's (/proc/net/route), else IPv6's."""
     for line in _read(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
         f = line.split()
         if len(f) > 7 and f[1] == "00000000" and f[7] == "00000000":
             return f[0]
+    for line in _read(tools.paths.resolve("/proc/net/ipv6_route")).splitlines():
+        f = line.split()  # dst, dst len, src, src len, next hop, metric, refcnt, use, flags, dev
+        if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
+            return f[9]
     return None
 
 
