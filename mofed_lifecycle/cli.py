@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--no-require-version", action="store_true",
                      help="accept an unset NVIDIA_NIC_DRIVER_VER (only `run` needs it)")
 
-    from .cli_sim import add_sim_parser
+    from .sim.cli import add_sim_parser
 
     add_sim_parser(sub)
     return ap
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
     args.seams = seams or Seams()
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(json=fmt, level=args.log_level)
-    from .cli_sim import cmd_sim
+    from .sim.cli import cmd_sim
     from .sim.node import NodeExists
     from .sim.scenario import ScenarioError
 

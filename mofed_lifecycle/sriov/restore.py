@@ -6,8 +6,7 @@ rates, GUIDs) are set through the PF; each VF is then bound exactly once to the 
 (mlx5_core, or vfio-pci through driver_override), and autoprobe is put back. VFs that already exist
 are configured in place, and rebound only if their netdev does not show its MAC/GUID ("rebind"
 fallback). The netdev work (MTU, up/down) runs on a bounded pool as each VF's netdev is announced
-by udev. One VF's failure never stops the others: it is retried until the deadline, then reported
-by PCI address.
+by udev. One VF's failure never stops the others: it is retried until the deadline, then named.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ class Restorer:
         self.binding: set[str] = set()  # VFs whose bind is queued or in the kernel
         self.lock = threading.Lock()  # the writers' outcomes vs the restore's report
         self.result = RestoreResult()
-        self.on_pf_back: Callable[[str], None] | None = None
+        self.on_pf_back: Callable[[str], None] = lambda _pci: None  # (restore()'s)
         self.no_netdev: set[str] = set()  # VFs restored with no netdev work to do
         self.not_kept: dict[str, str] = {}  # VF PCI -> settings read back otherwise (still bound)
 
@@ -212,8 +211,7 @@ class Restorer:
 
     def restore_pf(self, pf: PfSnapshot, readiness: Readiness) -> None:
         """On a PF worker, once the PF's netdev is back: its link, then its VFs."""
-        if self.on_pf_back is not None:
-            self.on_pf_back(pf.pci)
+        self.on_pf_back(pf.pci)
         self.retrying(f"set the link of {pf.pci}", self.restore_link, pf, pf.netdev)
         dev = self.paths.pci_device(pf.pci)
         current = int((dev / "sriov_numvfs").read_text().strip() or 0)
@@ -395,9 +393,8 @@ class Restorer:
 def restore(node: Node, snapshot: Snapshot, *, deadline_s: float, workers: int,
             stop: threading.Event, log: Any, bind_workers: int = BIND_WORKERS,
             on_pf_back: Callable[[str], None] | None = None) -> RestoreResult:
-    """`on_pf_back(pci)`: called as each PF's netdev is back, before anything of it is restored
-    (the uplink re-applied there)."""
+    """`on_pf_back(pci)`: called as each PF's netdev is back, before anything of it is restored."""
     r = Restorer(node, snapshot, deadline_s=deadline_s, workers=workers, stop=stop, log=log,
                  bind_workers=bind_workers)
-    r.on_pf_back = on_pf_back
+    r.on_pf_back = on_pf_back or r.on_pf_back  # (the uplink is re-applied there)
     return r.run()

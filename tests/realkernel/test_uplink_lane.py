@@ -5,34 +5,13 @@ kernel drops and what `reapply_uplink` puts back."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from mofed_lifecycle.host.netlink import PyrouteNetlink
 from mofed_lifecycle.lifecycle.uplink import reapply_uplink
-from mofed_lifecycle.log import get_logger
 
+from ..test_uplink import _Journal, _Node, _Runner
 from .conftest import Nsim, load_netdevsim, settle, sh
-
-
-@dataclass
-class _Journal:
-    facts: dict[str, Any] = field(default_factory=dict)
-
-    def set(self, **kw: Any) -> None:
-        self.facts.update(kw)
-
-
-@dataclass
-class _Node:
-    netlink: Any
-
-
-@dataclass
-class _Runner:
-    node: _Node
-    journal: _Journal
-    log: Any = field(default_factory=lambda: get_logger("lane"))
 
 
 def _saved(nl: PyrouteNetlink, name: str) -> dict[str, Any]:

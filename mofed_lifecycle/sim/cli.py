@@ -1,4 +1,5 @@
-"""`mofed-lifecycle sim ...`: the simulated node's commands (parser and handler)."""
+"""`mofed-lifecycle sim ...`: the simulated node's commands (parser and handler), wired into the
+CLI by cli.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_common import EXIT_FAILED, EXIT_OK, UsageError, _root
+from ..cli_common import EXIT_FAILED, EXIT_OK, UsageError, _root
 
 
 def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,7 +57,7 @@ def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     sv.add_argument("pf_pci", metavar="PF_PCI")
     sv.add_argument("vf_index", metavar="VF_INDEX", type=int)
     sv.add_argument("settings", metavar="KEY=VALUE", nargs="+")
-    from .sim.admin import SET_ACTIONS
+    from .admin import SET_ACTIONS
 
     ss = ssub.add_parser(
         "set", help="change the node as an operator or a failure would (modules, route, firmware)",
@@ -69,8 +70,8 @@ def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from .sim import node, run
-    from .sim.client import KernelClient, is_simulated
+    from . import node, run
+    from .client import KernelClient, is_simulated
 
     if args.sim_command == "init":
         sc = node.init_node(args.scenario, args.root, force=args.force)
@@ -89,7 +90,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print("stopped" if node.stop_kernel(args.root) else "no kernel process was running")
         return EXIT_OK
     if args.sim_command in ("set-vf", "set"):
-        from .sim.admin import AdminError, AdminRefused, set_node, set_vf
+        from .admin import AdminError, AdminRefused, set_node, set_vf
 
         try:
             done = (set_vf(args.root, args.pf_pci, args.vf_index, args.settings)
