@@ -172,9 +172,9 @@ SPECS: tuple[Spec, ...] = (
          "probes in parallel the VFs come back about as fast as the slowest probe"),
     Spec("UPLINK_POLICY", "uplink_policy", parse_uplink_policy, "restore",
          "the node's default route on a ConnectX PF the reload takes down (directly or through a "
-         "bond or VLAN): restore (its addresses, routes, MTU and bond membership saved, then "
-         "re-applied as soon as the PF is back, before its VFs), refuse (the reload), ignore "
-         "(warn only)"),
+         "bond): restore (its addresses, routes, MTU and bond membership saved, then re-applied "
+         "as soon as the PF is back, before its VFs; a VLAN on the PF itself, which dies with "
+         "it, refuses the reload), refuse (the reload), ignore (warn only)"),
     Spec("READY_ON_PARTIAL_RESTORE", "ready_on_partial_restore", parse_bool, "true",
          "set the readiness marker when some VFs could not be restored (they are reported by PCI "
          "address in the log and status.json, and retried at the next start); false: stay not "

@@ -135,8 +135,15 @@ def test_holders_peermem_in_use_and_storage(make_node):
     third, _k = node(make_node, driver='extra_modules = [ { name = "irdma", holds = ["ib_core"] }'
                      ' ]', name="third")
     _rc, found = doctor(third)
-    assert ids(found) == ["thirdparty-holder"] and "irdma holds ib_core" in \
+    assert ids(found) == ["thirdparty-holder"] and "irdma (third-party) holds ib_core" in \
         found[0]["evidence"][0]["value"]
+    assert "UNLOAD_THIRD_PARTY_RDMA_MODULES=true" in found[0]["fix"]
+    # a holder no list knows (the daemon's preflight refuses it too): named, with its fix
+    unknown, _k = node(make_node, driver='extra_modules = [ { name = "acme_rdma", holds = '
+                       '["ib_core"] } ]', name="unknown")
+    _rc, found = doctor(unknown)
+    assert ids(found) == ["thirdparty-holder"] and found[0]["subject"] == "acme_rdma"
+    assert "add it to the list it belongs to" in found[0]["fix"]
 
 
 def test_what_a_killed_container_left_behind(make_node):
@@ -200,6 +207,16 @@ def test_iommu_passthrough_on_the_command_line_is_no_finding():
     assert diagnose(f) == []
     f.cmdline = "ro quiet intel_iommu=on"
     assert [x.id for x in diagnose(f)] == ["iommu-translated"]
+    f.cmdline = "ro quiet iommu.passthrough=1"  # the generic spelling (arm64's too)
+    assert diagnose(f) == []
+    # fixed and rebooted: the groups are identity now, kern.log still has an earlier boot's line
+    f = NodeFacts(gpus=["0000:c0:00.0"], connectx=cx,
+                  iommu_types=[("/sys/kernel/iommu_groups/3/type", "identity")],
+                  boot_domain=("/var/log/kern.log", "Default domain type: Translated"),
+                  cmdline="ro quiet")
+    assert diagnose(f) == []
+    f.iommu_types, f.iommu_groups_readable = [], False  # the log is all there is to read
+    assert [x.id for x in diagnose(f)] == ["iommu-translated"]
 
 
 def test_the_daemon_logs_each_finding_once_and_shows_them_in_status_and_metrics(make_node):
@@ -259,7 +276,7 @@ def test_sim_set_changes_the_host_between_runs_and_doctor_sees_it(make_node):
 
 
 def test_an_ipv6_only_default_route_is_seen_too(tmp_path):
-    from mofed_lifecycle.doctor.gather import default_route_dev
+    from mofed_lifecycle.doctor.uplink_path import default_route_dev
     from mofed_lifecycle.host.commands import Commands
     from mofed_lifecycle.host.node import Tools
     from mofed_lifecycle.host.paths import NodePaths
@@ -273,3 +290,45 @@ def test_an_ipv6_only_default_route_is_seen_too(tmp_path):
         "fd000000000000000000000000000001 00000400 00000001 00000000 00000003 enp8s0f0np0\n")
     tools = Tools(NodePaths.at(tmp_path), Commands({}))
     assert default_route_dev(tools) == "enp8s0f0np0"
+
+
+def test_sriov_off_in_firmware_where_no_vf_is_wanted_is_no_finding(make_node):
+    """A node that uses no SR-IOV (nothing saved, NUM_OF_VFS 0) may have it off."""
+    root, _k = node(make_node, numvfs=0, pf="fw = { num_of_vfs = 0, next_boot_num_of_vfs = 0, "
+                    "sriov_en = false }")
+    assert doctor(root) == (0, [])
+
+
+def test_a_firmware_value_mstconfig_cannot_say_is_unknown_not_zero(tmp_path):
+    """`NUM_OF_VFS  N/A` (a field this firmware does not have) must not read as 0 VFs."""
+    from mofed_lifecycle.doctor.gather import firmware
+    from mofed_lifecycle.host.commands import Commands
+    from mofed_lifecycle.host.node import Tools
+    from mofed_lifecycle.host.paths import NodePaths
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "mstconfig"
+    tool.write_text("#!/bin/sh\necho 'Configurations:   Default   Current   Next Boot'\n"
+                    "echo '        NUM_OF_VFS    N/A    N/A    N/A'\n"
+                    "echo '*       SRIOV_EN      True(1)    False(0)    True(1)'\n")
+    tool.chmod(0o755)
+    pf = tmp_path / "sys/bus/pci/devices/0000:08:00.0"
+    pf.mkdir(parents=True)
+    (pf / "sriov_numvfs").write_text("4\n")
+    tools = Tools(NodePaths.at(tmp_path), Commands({"PATH": f"{bin_dir}:/usr/bin:/bin"}))
+    [fw] = firmware(tools, {"0000:08:00.0": pf}, {})
+    assert fw.num_vfs is None and fw.sriov_en == (False, True) and fw.wanted_vfs == 4
+
+
+def test_an_uplink_vlan_on_the_pf_is_named_as_what_restore_cannot_bring_back():
+    from mofed_lifecycle.doctor.findings import NodeFacts, diagnose
+    from mofed_lifecycle.doctor.uplink_path import UplinkPath
+
+    f = NodeFacts(uplink=UplinkPath("p0.10", {"p0": "0000:08:00.0"}, ("p0.10",),
+                                    "/proc/net/ipv6_route"))
+    [found] = diagnose(f)
+    assert found.id == "uplink-on-reloaded-pf" and found.subject == "p0"
+    assert found.evidence[0] == {"file": "/proc/net/ipv6_route",
+                                 "value": "default route on p0.10 over p0 (PF 0000:08:00.0)"}
+    assert "UPLINK_POLICY=restore refuses that reload" in found.fix

@@ -5,19 +5,27 @@ real netdevs in a network namespace."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from mofed_lifecycle.config import load_config
+from mofed_lifecycle.doctor.gather import connectx_devices
+from mofed_lifecycle.doctor.uplink_path import uplink_path
+from mofed_lifecycle.host.commands import Commands
 from mofed_lifecycle.host.netlink import PyrouteNetlink
 from mofed_lifecycle.host.netlink_types import LinkChange, Route
-from mofed_lifecycle.lifecycle.uplink import reapply_uplink
+from mofed_lifecycle.host.node import Tools
+from mofed_lifecycle.host.paths import NodePaths
+from mofed_lifecycle.lifecycle.machine import Outcome
+from mofed_lifecycle.lifecycle.uplink import check_uplink, reapply_uplink
 from mofed_lifecycle.log import get_logger
 
 from .conftest import SCENARIOS
-from .test_lifecycle import events, jsonl, lifecycle
+from .test_lifecycle import events, jsonl, kernel_events, lifecycle, wait_for
 from .test_netlink_real import ip, netns  # noqa: F401 - the fixture
 
 UPLINK = SCENARIOS / "uplink-upgrade.toml"
@@ -77,6 +85,43 @@ def test_killed_before_the_restore_the_next_start_puts_the_uplink_back(make_node
     assert "uplink.restored" in [e["event"] for e in events(r.stderr)]
 
 
+def test_killed_mid_reload_the_restart_reloads_again_and_still_puts_the_uplink_back(make_node):
+    """Review finding: killed while openibd had the PF down, the restart reloads again; its
+    preflight sees no uplink (the route went with the PF) and must not forget the saved one."""
+    text = UPLINK.read_text().replace("openibd_restart_s = 30", "openibd_restart_s = 600")
+    root, k = make_node(text, "mid-reload")
+    proc = lifecycle(root, "--once", wait=False)
+    try:
+        wait_for(lambda: "route.lost" in kernel_events(root), "openibd to take the PF down")
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert truth(k) == (None, [])  # killed with the PF bare
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert truth(k) == ("enp8s0f0np0", ADDRS)
+    evs = [e["event"] for e in events(r.stderr)]
+    assert "openibd.restart" in evs and "uplink.kept" in evs  # reloaded again, saved kept
+    assert k.call("state")["pfs"][PF]["mtu"] == 9000
+
+
+def test_the_inbox_driver_put_back_on_sigterm_keeps_the_uplink_too(make_node):
+    """RESTORE_DRIVER_ON_POD_TERMINATION: the stop's reload takes the PF down like any other."""
+    root, k = make_node(UPLINK)
+    proc = lifecycle(root, env={"RESTORE_DRIVER_ON_POD_TERMINATION": "true"}, wait=False)
+    try:
+        wait_for(lambda: (root / "run/mellanox/drivers/.driver-ready").exists(), "ready")
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    tl = [e["event"] for e in jsonl(root / ".sim/timeline.jsonl")]
+    assert tl.count("route.lost") == 2  # the upgrade's reload and the stop's
+    assert truth(k) == ("enp8s0f0np0", ADDRS)
+    assert [e["event"] for e in events(err)].count("uplink.restored") == 2
+
+
 def test_a_bad_policy_is_refused_at_start(tiny):
     root, _k = tiny
     r = lifecycle(root, "--once", env={"UPLINK_POLICY": "sometimes"})
@@ -97,6 +142,7 @@ class _Journal:
 @dataclass
 class _Node:
     netlink: Any
+    paths: Any = None
 
 
 @dataclass
@@ -108,35 +154,58 @@ class _Runner:
     log: Any = field(default_factory=lambda: get_logger("test"))
 
 
-def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str) -> None:  # noqa: F811
+def _routes(ns: str, *family: str) -> list[dict]:
+    return json.loads(ip("-n", ns, *family, "-j", "route", "show").stdout)
+
+
+def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) -> None:  # noqa: F811
+    """Both families, a link-scope route, an onlink gateway, an IPv6 default without one; the PF
+    named anew after the reload (found by its PCI address, as netdev_of reads sysfs)."""
     nl = PyrouteNetlink(netns=netns)
     try:
         ip("-n", netns, "link", "set", "nla0", "mtu", "9000", "up")
         ip("-n", netns, "link", "set", "nlb0", "up")
         ip("-n", netns, "addr", "add", "10.9.0.7/24", "dev", "nla0")
+        ip("-n", netns, "addr", "add", "fd00::7/64", "dev", "nla0", "nodad")
         ip("-n", netns, "route", "add", "default", "via", "10.9.0.1", "dev", "nla0")
-        saved = {"addresses": nl.addresses("nla0"),
+        ip("-n", netns, "route", "add", "10.8.0.0/16", "dev", "nla0")
+        ip("-n", netns, "route", "add", "172.16.0.0/16", "via", "192.168.99.1", "dev", "nla0",
+           "onlink")
+        ip("-n", netns, "-6", "route", "add", "default", "dev", "nla0", "metric", "100")
+        before = (_routes(netns), _routes(netns, "-6"))
+        saved = {"pci": "0000:08:00.0", "addresses": nl.addresses("nla0"),
                  "routes": [x.to_json() for x in nl.routes("nla0")],
                  "mtu": 9000, "up": True, "master": nl.master("nla0")}
-        assert saved["addresses"] == ["10.9.0.7/24"] and saved["master"] is None
-        assert saved["routes"] == [{"dst": "default", "gateway": "10.9.0.1", "priority": None}]
-        # what a reload does to the PF: its addresses and routes gone, the link reset
+        assert sorted(saved["addresses"]) == ["10.9.0.7/24", "fd00::7/64"]
+        assert saved["master"] is None
+        got = {(x["family"], x["dst"], x["gateway"], x["onlink"]) for x in saved["routes"]}
+        assert got == {(4, "default", "10.9.0.1", False), (4, "10.8.0.0/16", None, False),
+                       (4, "172.16.0.0/16", "192.168.99.1", True), (6, "default", None, False)}
+        # what a reload does to the PF: its addresses and routes gone, the link reset, and
+        # here udev names it anew
         ip("-n", netns, "addr", "flush", "dev", "nla0")
         nl.set_link("nla0", LinkChange(up=False, mtu=1500))
-        assert nl.addresses("nla0") == [] and nl.routes("nla0") == []
-        r = _Runner(_Node(nl), _Journal({"uplink": {
+        nl.set_link("nla0", LinkChange(name="nlr0"))
+        assert nl.addresses("nlr0") == [] and nl.routes("nlr0") == []
+        (tmp_path / "sys/bus/pci/devices/0000:08:00.0/net/nlr0").mkdir(parents=True)
+        r = _Runner(_Node(nl, NodePaths.at(tmp_path)), _Journal({"uplink": {
             "route_dev": "nla0", "pf_netdev": "nla0", "pf_pci": "0000:08:00.0",
-            "devs": {"nla0": saved}, "restored": False}}))
+            "pfs": {"nla0": "0000:08:00.0"}, "devs": {"nla0": saved}, "restored": False}}))
         reapply_uplink(r, "0000:08:00.0")  # type: ignore[arg-type]
         assert r.journal.facts["uplink"]["restored"] is True
-        shown = json.loads(ip("-n", netns, "-j", "route", "show", "default").stdout)
-        assert shown[0]["gateway"] == "10.9.0.1" and shown[0]["dev"] == "nla0"
-        link = nl.link("nla0")
+        link = nl.link("nlr0")
         assert link is not None and (link.mtu, link.up) == (9000, True)
-        assert nl.addresses("nla0") == ["10.9.0.7/24"]
+        assert sorted(nl.addresses("nlr0")) == ["10.9.0.7/24", "fd00::7/64"]
+
+        def same(rows: list[dict]) -> set:
+            return {(x["dst"], x.get("gateway"), x.get("scope"), tuple(x.get("flags", [])),
+                     x.get("metric")) for x in rows if x.get("protocol") != "kernel"}
+        assert same(_routes(netns)) == same(before[0])
+        assert same(_routes(netns, "-6")) == same(before[1])
+        assert ("default", None, None, (), 100) in same(before[1])  # IPv6's, not an IPv4 one
         reapply_uplink(r, "0000:08:00.0")  # type: ignore[arg-type]  # done once: no-op
-        nl.add_address("nla0", "10.9.0.7/24")  # already there: no error
-        nl.add_route("nla0", Route("default", "10.9.0.1"))
+        nl.add_address("nlr0", "10.9.0.7/24")  # already there: no error
+        nl.add_route("nlr0", Route("default", "10.9.0.1"))
     finally:
         nl.close()
 
@@ -159,3 +228,61 @@ def test_bond_membership_comes_back_on_real_netdevs(netns: str) -> None:  # noqa
         assert nl.master("nla0") == "bond0"
     finally:
         nl.close()
+
+
+# ---- the uplink's path down to the PFs (sysfs as the kernel lays it out) ------------------------
+
+
+def _fake_node(tmp_path, route_dev: str, stacked: dict[str, list[str]], bonds: set[str]):
+    """Two ConnectX PFs (p0, p1); `stacked`: netdev -> its lowers; the default route on
+    `route_dev`."""
+    for i, name in enumerate(("p0", "p1")):
+        d = tmp_path / f"sys/bus/pci/devices/0000:08:00.{i}"
+        (d / "net" / name).mkdir(parents=True)
+        for f, v in (("vendor", "0x15b3"), ("device", "0x101d"), ("class", "0x020000"),
+                     ("sriov_totalvfs", "8")):
+            (d / f).write_text(v + "\n")
+    for dev, under in stacked.items():
+        d = tmp_path / f"sys/class/net/{dev}"
+        d.mkdir(parents=True, exist_ok=True)
+        for x in under:
+            (d / f"lower_{x}").mkdir()
+        if dev in bonds:
+            (d / "bonding").mkdir()
+    (tmp_path / "proc/net").mkdir(parents=True)
+    (tmp_path / "proc/net/route").write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+        f"{route_dev}\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\n")
+    return Tools(NodePaths.at(tmp_path), Commands({}))
+
+
+def test_a_bond_over_both_ports_saves_both_and_a_vlan_on_a_pf_is_known_to_die(tmp_path):
+    tools = _fake_node(tmp_path / "bond", "bond0.5", {"bond0.5": ["bond0"],
+                                                      "bond0": ["p0", "p1"]}, {"bond0"})
+    devices, _gpus, pfs = connectx_devices(tools)
+    up = uplink_path(tools, devices, pfs)
+    assert up is not None and up.route_dev == "bond0.5"
+    assert up.pfs == {"p0": "0000:08:00.0", "p1": "0000:08:00.1"}
+    assert up.dies_with_pf == ()  # the bond (and the VLAN on it) survive the reload
+    tools = _fake_node(tmp_path / "vlan", "p1.10", {"p1.10": ["p1"]}, set())
+    devices, _gpus, pfs = connectx_devices(tools)
+    up = uplink_path(tools, devices, pfs)
+    assert up is not None and up.pfs == {"p1": "0000:08:00.1"}
+    assert up.dies_with_pf == ("p1.10",)
+
+
+def test_restore_refuses_a_reload_that_would_destroy_a_vlan_uplink(tmp_path):
+    tools = _fake_node(tmp_path, "p1.10", {"p1.10": ["p1"]}, set())
+
+    class Committing(_Journal):
+        def commit(self, **kw: Any) -> bool:
+            self.set(**kw)
+            return True
+
+    r = _Runner(_Node(None, tools.paths), Committing())
+    r.node.commands = tools.commands  # type: ignore[attr-defined]
+    r.config = load_config({"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7"})  # type: ignore[attr-defined]
+    assert check_uplink(r) is Outcome.REFUSED  # type: ignore[arg-type]
+    reason = r.journal.facts["reason"]
+    assert "p1.10 is stacked on the PF" in reason and "not recreated" in reason
+    assert "uplink" not in r.journal.facts  # nothing saved, nothing touched

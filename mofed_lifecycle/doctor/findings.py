@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .rdma_config import Device
+from .uplink_path import UplinkPath
 
 ERROR, WARNING = "error", "warning"
 TRANSLATED_TYPES = ("DMA", "DMA-FQ")
+PASSTHROUGH_ARG = re.compile(r"(^|\s)(iommu=pt|iommu\.passthrough=(1|y|on))(\s|$)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class NodeFacts:
     gpus: list[str] = field(default_factory=list)  # PCI addresses, vendor 0x10de
     connectx: list[Device] = field(default_factory=list)
     iommu_types: list[tuple[str, str]] = field(default_factory=list)  # (file, type)
+    iommu_groups_readable: bool = True  # /sys/kernel/iommu_groups is there
     cmdline: str = ""
     boot_domain: tuple[str, str] | None = None  # (file, "Default domain type: ..." line)
     firmware: list[PfFirmware] = field(default_factory=list)
@@ -61,16 +64,19 @@ class NodeFacts:
     loaded: dict[str, str | None] = field(default_factory=dict)
     inbox_loaded: tuple[str, str] | None = None  # (file, why) when mlx5_core is the inbox build
     installed_version: str | None = None
-    uplink: tuple[str, str, str] | None = None  # (route dev, the ConnectX PF netdev, its PCI)
+    uplink: UplinkPath | None = None  # the default route's path down to ConnectX PFs
 
 
 def check_iommu(f: NodeFacts) -> list[Finding]:
     if not f.gpus or not f.connectx:
         return []
     evidence = [{"file": p, "value": t} for p, t in f.iommu_types if t in TRANSLATED_TYPES]
-    if f.boot_domain and "Translated" in f.boot_domain[1]:
+    # the boot log says what some boot chose; the live groups say what this one has: the log
+    # alone decides only where the groups cannot be read
+    if f.boot_domain and "Translated" in f.boot_domain[1] and (
+            evidence or not f.iommu_groups_readable):
         evidence.append({"file": f.boot_domain[0], "value": f.boot_domain[1]})
-    if not evidence or re.search(r"(^|\s)iommu=pt(\s|$)", f.cmdline):
+    if not evidence or PASSTHROUGH_ARG.search(f.cmdline):
         return []
     evidence.append({"file": "/proc/cmdline", "value": f.cmdline.strip() or "(empty)"})
     return [Finding("iommu-translated", ERROR, "iommu", evidence[:4],
@@ -83,7 +89,11 @@ def check_iommu(f: NodeFacts) -> list[Finding]:
 def check_firmware(f: NodeFacts) -> list[Finding]:
     out: list[Finding] = []
     for fw in f.firmware:
-        if fw.sriov_en is not None and not all(fw.sriov_en):
+        # off in firmware is a finding where VFs are wanted (the snapshot, the policy, or the
+        # firmware's own NUM_OF_VFS); a node that uses no SR-IOV may well have it off
+        asked = fw.wanted_vfs > 0 or (fw.num_vfs is not None and max(fw.num_vfs) > 0)
+        if fw.sriov_en is not None and (fw.sriov_en[0] != fw.sriov_en[1] or (
+                not all(fw.sriov_en) and asked)):
             out.append(Finding("fw-sriov-disabled", ERROR, fw.pci, [
                 {"file": fw.source, "value": f"SRIOV_EN current {fw.sriov_en[0]}, next boot "
                  f"{fw.sriov_en[1]}"}],
@@ -113,10 +123,13 @@ def check_rdma(f: NodeFacts) -> list[Finding]:
 
 
 def check_holders(f: NodeFacts) -> list[Finding]:
-    ids = {"storage": "storage-holder", "third-party": "thirdparty-holder"}
-    return [Finding(ids[kind], WARNING, "ib_core", [{"file": "/proc/modules", "value": why}],
-                    "a reload is refused while it is loaded: unload it (modprobe -r), or allow it "
-                    "with UNLOAD_STORAGE_MODULES=true / UNLOAD_THIRD_PARTY_RDMA_MODULES=true")
+    ids = {"storage": "storage-holder", "third-party": "thirdparty-holder",
+           "unknown": "thirdparty-holder"}
+    gated = ("a reload is refused while it is loaded: unload it (modprobe -r), or allow it with "
+             "UNLOAD_STORAGE_MODULES=true / UNLOAD_THIRD_PARTY_RDMA_MODULES=true")
+    return [Finding(ids[kind], WARNING, why.split(" ", 1)[0],
+                    [{"file": "/proc/modules", "value": why}],
+                    gated if "=true to let the reload" in why else why.split("; ", 1)[-1])
             for kind, why in f.refusals if kind in ids]
 
 
@@ -170,15 +183,26 @@ def check_inbox(f: NodeFacts) -> list[Finding]:
 
 
 def check_uplink(f: NodeFacts) -> list[Finding]:
-    if f.uplink is None:
+    up = f.uplink
+    if up is None:
         return []
-    dev, pf, pci = f.uplink
-    via = "" if dev == pf else f" through {dev}"
-    return [Finding("uplink-on-reloaded-pf", WARNING, pf, [
-        {"file": "/proc/net/route", "value": f"default route via {dev}{via} on PF {pci}"}],
-        "a driver reload takes this PF down and the node's default route with it: keep "
-        "UPLINK_POLICY=restore (addresses and routes re-applied as soon as the PF is back), or "
-        "move the management network to a NIC the driver does not own")]
+    pf, _pci = up.first
+    over = "" if list(up.pfs) == [up.route_dev] else f" over {', '.join(up.pfs)}"
+    pcis = ", ".join(sorted(set(up.pfs.values())))
+    evidence = [{"file": up.source, "value": f"default route on {up.route_dev}{over} (PF "
+                 f"{pcis})"}]
+    fix = ("a driver reload takes this PF down and the node's default route with it: keep "
+           "UPLINK_POLICY=restore (addresses and routes re-applied as soon as the PF is back), "
+           "or move the management network to a NIC the driver does not own")
+    if up.dies_with_pf:
+        evidence.append({"file": f"/sys/class/net/{up.dies_with_pf[0]}",
+                         "value": f"{', '.join(up.dies_with_pf)} stacked on the PF: destroyed "
+                                  "with it, not recreated"})
+        fix = ("a driver reload destroys the VLAN/macvlan that carries the node's default "
+               "route, and UPLINK_POLICY=restore refuses that reload: move the management "
+               "network to a NIC the driver does not own (or onto a bond, which survives), or "
+               "set UPLINK_POLICY=ignore and recreate it yourself after a reload")
+    return [Finding("uplink-on-reloaded-pf", WARNING, pf, evidence, fix)]
 
 
 CHECKS = (check_iommu, check_firmware, check_rdma, check_holders, check_peermem, check_leftovers,

@@ -18,11 +18,12 @@ from ..host.modules import loaded_srcversions, read_module_facts
 from ..host.node import Tools
 from ..lifecycle.decide import CORE
 from ..lifecycle.journal import journal_dir
-from ..lifecycle.preflight import Category, classify
+from ..lifecycle.preflight import Category, classify, plan
 from ..log import get_logger
 from ..sriov.snapshot import load_snapshot
 from .findings import NodeFacts, PfFirmware
 from .rdma_config import Device, check
+from .uplink_path import uplink_path
 
 NVIDIA, MELLANOX = "0x10de", "0x15b3"
 MSTCONFIG_TIMEOUT_S = 30.0
@@ -56,10 +57,16 @@ def connectx_devices(tools: Tools) -> tuple[list[Device], list[str], dict[str, P
         drv = d / "driver"
         devices.append(Device(pci, "15b3", _read(d / "device").removeprefix("0x"),
                               drv.readlink().name if drv.is_symlink() else None, netdevs, link,
-                              pf=(d / "sriov_totalvfs").exists()))
-        if (d / "sriov_totalvfs").exists():
+                              pf=not (d / "physfn").exists()))
+        if not (d / "physfn").exists():  # a PF, SR-IOV on (sriov_totalvfs) or not
             pfs[pci] = d
     return devices, gpus, pfs
+
+
+def _mst_int(value: str) -> int | None:
+    """mstconfig's value: "16", "True(1)", "False(0)"; anything else is unknown (None), never 0."""
+    m = re.fullmatch(r"(?:\w+\()?(\d+)\)?", value)
+    return int(m.group(1)) if m else None
 
 
 def firmware(tools: Tools, pfs: dict[str, Path], wanted: dict[str, int]) -> list[PfFirmware]:
@@ -78,40 +85,17 @@ def firmware(tools: Tools, pfs: dict[str, Path], wanted: dict[str, int]) -> list
             continue
         cols: dict[str, tuple[str, str]] = {}
         for line in res.stdout.splitlines():
-            words = line.replace("*", " ").split()
-            if len(words) == 4 and words[0] in ("NUM_OF_VFS", "SRIOV_EN"):
-                cols[words[0]] = (words[2], words[3])  # Current, Next Boot
+            words = line.replace("*", " ").split()  # name, [Default,] Current, Next Boot
+            if len(words) >= 3 and words[0] in ("NUM_OF_VFS", "SRIOV_EN"):
+                cols[words[0]] = (words[-2], words[-1])
         want = max(wanted.get(pci, 0), int(_read(d / "sriov_numvfs") or 0))
-
-        def num(v: str) -> int:
-            return int(re.sub(r"\D", "", v) or 0)
-
+        n = [_mst_int(v) for v in cols.get("NUM_OF_VFS", ())]
+        en = [_mst_int(v) for v in cols.get("SRIOV_EN", ())]
         out.append(PfFirmware(
-            pci, (num(cols["NUM_OF_VFS"][0]), num(cols["NUM_OF_VFS"][1]))
-            if "NUM_OF_VFS" in cols else None,
-            (cols["SRIOV_EN"][0].startswith("True"), cols["SRIOV_EN"][1].startswith("True"))
-            if "SRIOV_EN" in cols else None, want, " ".join(argv)))
+            pci, (n[0], n[1]) if len(n) == 2 and n[0] is not None and n[1] is not None else None,
+            (bool(en[0]), bool(en[1])) if len(en) == 2 and None not in en else None,
+            want, " ".join(argv)))
     return out
-
-
-def default_route_dev(tools: Tools) -> str | None:
-    """The netdev of the default route: IPv4's (/proc/net/route), else IPv6's."""
-    for line in _read(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
-        f = line.split()
-        if len(f) > 7 and f[1] == "00000000" and f[7] == "00000000":
-            return f[0]
-    for line in _read(tools.paths.resolve("/proc/net/ipv6_route")).splitlines():
-        f = line.split()  # dst, dst len, src, src len, next hop, metric, refcnt, use, flags, dev
-        if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
-            return f[9]
-    return None
-
-
-def lowers(tools: Tools, dev: str) -> list[str]:
-    """The netdevs under `dev` (a bond's slaves, a VLAN's parent), recursively."""
-    d = tools.paths.resolve(f"/sys/class/net/{dev}")
-    found = [p.name.removeprefix("lower_") for p in d.glob("lower_*")] if d.is_dir() else []
-    return [x for n in found for x in (n, *lowers(tools, n))]
 
 
 def vendor_was_ready(tools: Tools, config: Config) -> bool:
@@ -136,11 +120,12 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
     if groups.is_dir():
         f.iommu_types = [(str(p.node_path(t)), _read(t)) for t in sorted(groups.glob("*/type"))]
     f.cmdline = _read(p.resolve("/proc/cmdline"))
-    for log in ("/var/log/dmesg", "/var/log/kern.log"):
-        m = TRANSLATED_LINE.search(_read(p.resolve(log)))
-        if m:
-            f.boot_domain = (log, m.group(0))
+    for log in ("/var/log/dmesg", "/var/log/kern.log"):  # this boot's, then the journal's
+        lines = TRANSLATED_LINE.findall(_read(p.resolve(log)))
+        if lines:  # the last: kern.log keeps earlier boots' lines too
+            f.boot_domain = (log, lines[-1])
             break
+    f.iommu_groups_readable = groups.is_dir()
     snap, _damaged, _used = load_snapshot(journal_dir(p, config))
     wanted = {pf.pci: pf.numvfs for pf in snap.pfs} if snap else {}
     if f.connectx:
@@ -157,14 +142,14 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
         f.rdma_file = str(rdma_config)
         f.rdma_problems = check(_read(rdma_config) if rdma_config.exists() else "", f.connectx)
     facts = read_module_facts(p)
-    gates = {Category.STORAGE: ("storage", config.unload_storage_modules),
-             Category.THIRD_PARTY: ("third-party", config.unload_third_party_rdma_modules)}
-    for stack in ("ib_core", "mlx5_core", "mlx5_ib"):
-        for h in facts[stack].holders if stack in facts else ():
-            cat = classify(h, config)
-            if cat in gates and not gates[cat][1]:
-                f.refusals.append((gates[cat][0], f"{h} holds {stack}"))
-    f.refusals = list(dict.fromkeys(f.refusals))
+    # what the daemon's own preflight would refuse a reload for (so an unknown holder, a
+    # storage module with a mount on it, ... are named too), by the holder's category
+    kinds = {Category.STORAGE: "storage", Category.THIRD_PARTY: "third-party",
+             Category.UNKNOWN: "unknown"}
+    for why in plan(facts, config).refusals:
+        cat = classify(why.split(" ", 1)[0], config)
+        if cat in kinds:
+            f.refusals.append((kinds[cat], why))
     if "nvidia_peermem" in facts:
         f.peermem_users = facts["nvidia_peermem"].refcnt
     blacklist = p.resolve(config.blacklist_file)
@@ -187,11 +172,5 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
             f.installed_version = res.stdout.strip() or None if res.ok else None
         except (OSError, CommandTimeout):
             f.installed_version = None
-    dev = default_route_dev(tools)
-    if dev:
-        for name in (dev, *lowers(tools, dev)):
-            owner = next((d for d in f.connectx if name in d.netdevs and d.pci in pfs), None)
-            if owner is not None:
-                f.uplink = (dev, name, owner.pci)
-                break
+    f.uplink = uplink_path(tools, f.connectx, pfs)
     return f

@@ -14,6 +14,10 @@ from typing import Any
 from .netlink_types import NetlinkError, Route
 
 RT_TABLE_MAIN = 254
+RTPROT_KERNEL, RTPROT_RA = 2, 9
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4
+IFA_F_PERMANENT = 0x80
 
 
 def _attr(msg: Any, name: str) -> Any:
@@ -32,7 +36,7 @@ class L3Mixin:
         return int(self._require(name)["index"])
 
     def addresses(self, name: str) -> list[str]:
-        """The IPv4 and global IPv6 addresses of `name`, as CIDR."""
+        """The IPv4 and the static global IPv6 addresses of `name`, as CIDR."""
         from .netlink import _translated
 
         index = self._index(name)
@@ -41,8 +45,10 @@ class L3Mixin:
         out = []
         for m in msgs:
             addr = _attr(m, "IFA_ADDRESS")
-            if addr is None or (m["family"] == socket.AF_INET6 and m["scope"] != 0):
-                continue  # link-local IPv6 comes back by itself
+            flags = _attr(m, "IFA_FLAGS") or m["flags"]
+            if addr is None or (m["family"] == socket.AF_INET6 and (
+                    m["scope"] != 0 or not flags & IFA_F_PERMANENT)):
+                continue  # link-local and autoconfigured IPv6 come back by themselves
             out.append(f"{addr}/{m['prefixlen']}")
         return out
 
@@ -59,30 +65,42 @@ class L3Mixin:
                 raise
 
     def routes(self, name: str) -> list[Route]:
-        """The main table's routes through `name` (the kernel's own prefix routes left out)."""
+        """The main table's IPv4 and IPv6 routes through `name`, minus what comes back by itself
+        (the kernel's prefix routes of its addresses, IPv6 router advertisements' and
+        link-local ones)."""
         from .netlink import _translated
 
         index = self._index(name)
-        with _translated(f"list routes through {name}"):
-            msgs = self._ipr.get_routes(table=RT_TABLE_MAIN, oif=index)
         out = []
-        for m in msgs:
-            if m["proto"] == 2:  # RTPROT_KERNEL: made with the address, comes back with it
-                continue
-            dst = _attr(m, "RTA_DST")
-            out.append(Route(f"{dst}/{m['dst_len']}" if dst else "default",
-                             _attr(m, "RTA_GATEWAY"), _attr(m, "RTA_PRIORITY")))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            with _translated(f"list routes through {name}"):
+                msgs = self._ipr.get_routes(family=family, table=RT_TABLE_MAIN, oif=index)
+            for m in msgs:
+                if m["proto"] in (RTPROT_KERNEL, RTPROT_RA) or m["type"] != RTN_UNICAST:
+                    continue
+                dst = _attr(m, "RTA_DST")
+                if family == socket.AF_INET6 and str(dst or "").lower().startswith("fe80:"):
+                    continue
+                out.append(Route(f"{dst}/{m['dst_len']}" if dst else "default",
+                                 _attr(m, "RTA_GATEWAY"), _attr(m, "RTA_PRIORITY"),
+                                 6 if family == socket.AF_INET6 else 4, int(m["scope"]),
+                                 bool(m["flags"] & RTNH_F_ONLINK)))
         return out
 
     def add_route(self, name: str, route: Route) -> None:
         from .netlink import _translated
 
-        kwargs: dict[str, Any] = {"oif": self._index(name), "table": RT_TABLE_MAIN}
-        kwargs["dst"] = "0.0.0.0/0" if route.dst == "default" else route.dst
+        v6 = route.family == 6
+        kwargs: dict[str, Any] = {"oif": self._index(name), "table": RT_TABLE_MAIN,
+                                  "family": socket.AF_INET6 if v6 else socket.AF_INET,
+                                  "scope": route.scope}
+        kwargs["dst"] = ("::/0" if v6 else "0.0.0.0/0") if route.dst == "default" else route.dst
         if route.gateway:
             kwargs["gateway"] = route.gateway
         if route.priority is not None:
             kwargs["priority"] = route.priority
+        if route.onlink:
+            kwargs["flags"] = RTNH_F_ONLINK
         try:
             with _translated(f"add route {route.dst} via {route.gateway} dev {name}"):
                 self._ipr.route("add", **kwargs)

@@ -98,18 +98,26 @@ class LinkChange:
 
 @dataclass(frozen=True)
 class Route:
-    """One route through a netdev (the uplink protection's): `dst` "default" or a CIDR."""
+    """One route through a netdev (the uplink protection's): `dst` "default" or a CIDR; `family`
+    4 or 6 (an IPv6 default is not an IPv4 one); `scope` the kernel's rtm_scope (0 universe,
+    253 link: a route without a gateway); `onlink` a gateway outside the netdev's subnets."""
 
     dst: str
     gateway: str | None = None
     priority: int | None = None
+    family: int = 4
+    scope: int = 0
+    onlink: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"dst": self.dst, "gateway": self.gateway, "priority": self.priority}
+        return {"dst": self.dst, "gateway": self.gateway, "priority": self.priority,
+                "family": self.family, "scope": self.scope, "onlink": self.onlink}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Route:
-        return cls(str(d["dst"]), d.get("gateway"), d.get("priority"))
+        family = d.get("family") or (6 if ":" in f"{d['dst']}{d.get('gateway') or ''}" else 4)
+        return cls(str(d["dst"]), d.get("gateway"), d.get("priority"), int(family),
+                   int(d.get("scope") or 0), bool(d.get("onlink")))
 
 
 class Netlink(Protocol):

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from ..doctor.findings import diagnose
 from ..doctor.gather import gather
-from ..host.commands import CommandTimeout
 from ..host.node import Tools
 
 if TYPE_CHECKING:
@@ -19,8 +18,9 @@ def run_doctor(r: Runner, when: str) -> None:
     try:
         findings = diagnose(gather(Tools(r.node.paths, r.node.commands), r.config,
                                    firmware_cache=r.firmware_facts))
-    except (OSError, ValueError, CommandTimeout) as e:  # a check that cannot read: said, no harm
-        r.log.warning("doctor.unavailable", when=when, error=str(e))
+    except Exception as e:  # noqa: BLE001 - the checks inform, never fail a step: said, no harm
+        r.log.warning("doctor.unavailable", when=when, error=f"{type(e).__name__}: {e}",
+                      next="run `mofed-lifecycle doctor` on the node to see which check fails")
         return
     r.journal.set(doctor=[f.to_json() for f in findings])
     for f in findings:

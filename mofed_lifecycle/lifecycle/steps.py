@@ -38,7 +38,7 @@ from .machine import Outcome, State
 from .preflight import plan
 from .steps_provision import preload_host_dependencies, step_provision
 from .steps_restore import pending_snapshot, restore_vfs, step_restore
-from .uplink import check_uplink
+from .uplink import check_uplink, finish_uplink
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -320,6 +320,11 @@ def restore_inbox_driver(r: Runner) -> None:
         r.log.error("inbox_restore.skipped", error=str(e),
                        next="the vendor driver stays loaded; the VFs could not be saved")
         return
+    if check_uplink(r) is not None:  # the uplink on a PF, and UPLINK_POLICY=refuse (or a VLAN)
+        r.log.error("inbox_restore.skipped", why=r.journal.facts.get("reason"),
+                    next="the vendor driver stays loaded; put the inbox one back by hand "
+                         "(mlnxofedctl --alt-mods force-restart) once the uplink is elsewhere")
+        return
     try:
         res = r.node.commands.run(["mlnxofedctl", "--alt-mods", "force-restart"],
                                   timeout_s=r.config.openibd_timeout_s,
@@ -341,6 +346,8 @@ def restore_inbox_driver(r: Runner) -> None:
     except (StepFailed, OSError) as e:
         r.log.error("inbox_restore.vfs_not_restored", error=str(e),
                        next="the next start restores the VFs still owed")
+    finally:
+        finish_uplink(r, r.config.vf_restore_timeout_s)
 
 
 Step = Callable[["Runner"], Outcome]

@@ -13,17 +13,20 @@ from ..sriov.restore import restore
 from ..sriov.snapshot import load_snapshot, pf_ifindexes
 from .errors import StepFailed
 from .machine import Outcome, State
-from .uplink import reapply_uplink
+from .uplink import finish_uplink, reapply_uplink
 
 if TYPE_CHECKING:
     from .runner import Runner
 
 
 def step_restore(r: Runner) -> Outcome:
-    if r.swap_failed:  # the reload failed; the driver and its VFs are put back first
-        return unwind_restore(r)
-    restore_vfs(r, unwinding=False)
-    return Outcome.OK
+    try:
+        if r.swap_failed:  # the reload failed; the driver and its VFs are put back first
+            return unwind_restore(r)
+        restore_vfs(r, unwinding=False)
+        return Outcome.OK
+    finally:  # the uplink, whatever the restore did (even nothing, after a crash)
+        finish_uplink(r, r.config.vf_restore_timeout_s)
 
 def restore_vfs(r: Runner, *, unwinding: bool) -> None:
     """Restore the VFs still owed from the saved snapshot; StepFailed if some did not come
@@ -59,7 +62,6 @@ def restore_vfs(r: Runner, *, unwinding: bool) -> None:
                      workers=r.config.vf_restore_workers, stop=threading.Event(),
                      log=r.log, bind_workers=r.config.vf_bind_workers,
                      on_pf_back=lambda pci: reapply_uplink(r, pci))  # before that PF's VFs
-    reapply_uplink(r)  # (its PF had nothing to restore: now, if it is back)
     summary = result.to_json()
     done |= set(result.restored)
     r.journal.set(restore=summary, restore_pending=bool(result.failed),

@@ -86,3 +86,51 @@ def test_a_bond_over_the_pf_gets_its_slave_back():
         nl.close()
         nsim.delete()
         settle()
+
+
+def test_the_uplink_path_as_the_kernel_lays_it_out_and_a_vlan_dies_with_its_pf():
+    """uplink_path reads sysfs `lower_*` and `bonding/` as Linux makes them: a VLAN on a bond on
+    the PF survives the PF's reload (the daemon re-enslaves the PF), a VLAN on the PF itself is
+    destroyed with it (so UPLINK_POLICY=restore refuses that reload)."""
+    from mofed_lifecycle.doctor.rdma_config import Device
+    from mofed_lifecycle.doctor.uplink_path import uplink_path
+    from mofed_lifecycle.host.commands import Commands
+    from mofed_lifecycle.host.node import Tools
+    from mofed_lifecycle.host.paths import NodePaths
+
+    load_netdevsim()
+    sh("modprobe", "bonding", "max_bonds=0")
+    sh("modprobe", "8021q")
+    nsim = Nsim(43)
+    tools = Tools(NodePaths.at("/"), Commands({}))
+    try:
+        pf = nsim.pf
+        devices = [Device("nsim43", "15b3", "101d", "mlx5_core", (pf,), "ether")]
+        sh("ip", "link", "add", "bond43", "type", "bond", "mode", "active-backup")
+        sh("ip", "link", "set", pf, "down")
+        sh("ip", "link", "set", pf, "master", "bond43")
+        sh("ip", "link", "add", "link", "bond43", "name", "bond43.7", "type", "vlan", "id", "7")
+        for dev in ("bond43", "bond43.7"):
+            sh("ip", "link", "set", dev, "up")
+        sh("ip", "addr", "add", "10.43.0.7/24", "dev", "bond43.7")
+        sh("ip", "route", "add", "default", "via", "10.43.0.1", "dev", "bond43.7")
+        up = uplink_path(tools, devices, {"nsim43"})
+        assert up is not None and up.route_dev == "bond43.7"
+        assert up.pfs == {pf: "nsim43"} and up.dies_with_pf == ()
+        sh("ip", "route", "del", "default")
+        sh("ip", "link", "del", "bond43")  # (its VLAN goes with it)
+        sh("ip", "link", "add", "link", pf, "name", "pf43.9", "type", "vlan", "id", "9")
+        sh("ip", "link", "set", pf, "up")
+        sh("ip", "link", "set", "pf43.9", "up")
+        sh("ip", "addr", "add", "10.44.0.7/24", "dev", "pf43.9")
+        sh("ip", "route", "add", "default", "via", "10.44.0.1", "dev", "pf43.9")
+        up = uplink_path(tools, devices, {"nsim43"})
+        assert up is not None and up.pfs == {pf: "nsim43"} and up.dies_with_pf == ("pf43.9",)
+        nsim = _reload(43, nsim)
+        links = json.loads(sh("ip", "-j", "link", "show").stdout)
+        assert "pf43.9" not in {x["ifname"] for x in links}  # destroyed with its PF
+    finally:
+        sh("ip", "route", "del", "default", check=False)
+        sh("ip", "link", "del", "bond43", check=False)
+        nsim.delete()
+        settle()

@@ -1,0 +1,89 @@
+"""Where the node's default route goes down to the ConnectX PFs (read-only: /proc, sysfs).
+
+The default route's netdev, then what is stacked under it (a bond's slaves, a VLAN's parent,
+recursively, by sysfs `lower_*`): the ConnectX PFs among them are the ones whose reload takes the
+node's uplink down. A bond survives its slaves' reload (they are enslaved again); a VLAN or
+macvlan stacked directly on a PF is destroyed with it and is not recreated by the daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..host.node import Tools
+from .rdma_config import Device
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class UplinkPath:
+    route_dev: str  # the default route's netdev
+    pfs: dict[str, str] = field(default_factory=dict)  # ConnectX PF netdev -> its PCI address
+    dies_with_pf: tuple[str, ...] = ()  # stacked directly on a PF, not a bond: destroyed with it
+    source: str = "/proc/net/route"  # where the default route was read
+
+    @property
+    def first(self) -> tuple[str, str]:
+        """(PF netdev, PCI) of the first ConnectX PF under the route."""
+        return next(iter(self.pfs.items()))
+
+
+def default_route(tools: Tools) -> tuple[str, str] | None:
+    """(the default route's netdev, the file that says so): IPv4's (/proc/net/route), else
+    IPv6's (/proc/net/ipv6_route)."""
+    for line in _read(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
+        f = line.split()
+        if len(f) > 7 and f[1] == "00000000" and f[7] == "00000000":
+            return f[0], "/proc/net/route"
+    for line in _read(tools.paths.resolve("/proc/net/ipv6_route")).splitlines():
+        f = line.split()  # dst, dst len, src, src len, next hop, metric, refcnt, use, flags, dev
+        if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
+            return f[9], "/proc/net/ipv6_route"
+    return None
+
+
+def default_route_dev(tools: Tools) -> str | None:
+    found = default_route(tools)
+    return found[0] if found else None
+
+
+def direct_lowers(tools: Tools, dev: str) -> list[str]:
+    d = tools.paths.resolve(f"/sys/class/net/{dev}")
+    return sorted(p.name.removeprefix("lower_") for p in d.glob("lower_*")) if d.is_dir() else []
+
+
+def lowers(tools: Tools, dev: str) -> list[str]:
+    """The netdevs under `dev` (a bond's slaves, a VLAN's parent), recursively."""
+    return [x for n in direct_lowers(tools, dev) for x in (n, *lowers(tools, n))]
+
+
+def is_bond(tools: Tools, dev: str) -> bool:
+    return tools.paths.resolve(f"/sys/class/net/{dev}/bonding").is_dir()
+
+
+def uplink_path(tools: Tools, devices: list[Device], pfs: set[str] | dict[str, Path]
+                ) -> UplinkPath | None:
+    """The uplink's path down to the ConnectX PFs `pfs` (PCI addresses), or None when the default
+    route (if any) goes through none of them."""
+    route = default_route(tools)
+    if route is None:
+        return None
+    dev, source = route
+    chain = [dev, *lowers(tools, dev)]
+    found: dict[str, str] = {}
+    for name in dict.fromkeys(chain):
+        owner = next((d for d in devices if name in d.netdevs and d.pci in pfs), None)
+        if owner is not None:
+            found[name] = owner.pci
+    if not found:
+        return None
+    dies = tuple(n for n in dict.fromkeys(chain) if n not in found and not is_bond(tools, n)
+                 and any(x in found for x in direct_lowers(tools, n)))
+    return UplinkPath(dev, found, dies, source)
