@@ -122,6 +122,18 @@ def test_the_inbox_driver_put_back_on_sigterm_keeps_the_uplink_too(make_node):
     assert [e["event"] for e in events(err)].count("uplink.restored") == 2
 
 
+def test_an_uplink_pf_without_vfs_gets_its_uplink_back_too(make_node):
+    """No VF to restore on the uplink's PF: the restore step still waits for that PF's netdev
+    (by netdev events) and puts the uplink back."""
+    text = UPLINK.read_text().replace("numvfs = 4", "numvfs = 0").replace(
+        'vf.0 = { mac = "02:00:00:00:08:00", vlan = 10 }', "")
+    root, k = make_node(text, "novfs")
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert truth(k) == ("enp8s0f0np0", ADDRS)
+    assert k.call("state")["pfs"][PF]["mtu"] == 9000
+
+
 def test_a_bad_policy_is_refused_at_start(tiny):
     root, _k = tiny
     r = lifecycle(root, "--once", env={"UPLINK_POLICY": "sometimes"})

@@ -87,6 +87,7 @@ class Runner:
         self.preflight: Preflight | None = None
         self.crash_at = os.environ.get(CRASH_AT_ENV, "")
         self.swap_failed = False  # a step of the swap failed: unblacklist, then fail
+        self.restore_waited: set[str] = set()  # PFs a VF restore waited for (their netdevs)
         self.record_damaged: str | None = None  # the journal and its copy are unreadable
         # sd_notify (STATUS=, READY=1, STOPPING=1, WATCHDOG=1), heartbeat.json, metrics
         self.telemetry = Telemetry(p, config, self.journal,

@@ -347,7 +347,7 @@ def restore_inbox_driver(r: Runner) -> None:
         r.log.error("inbox_restore.vfs_not_restored", error=str(e),
                        next="the next start restores the VFs still owed")
     finally:
-        finish_uplink(r, r.config.vf_restore_timeout_s)
+        finish_uplink(r)
 
 
 Step = Callable[["Runner"], Outcome]

@@ -26,7 +26,7 @@ def step_restore(r: Runner) -> Outcome:
         restore_vfs(r, unwinding=False)
         return Outcome.OK
     finally:  # the uplink, whatever the restore did (even nothing, after a crash)
-        finish_uplink(r, r.config.vf_restore_timeout_s)
+        finish_uplink(r)
 
 def restore_vfs(r: Runner, *, unwinding: bool) -> None:
     """Restore the VFs still owed from the saved snapshot; StepFailed if some did not come
@@ -58,6 +58,7 @@ def restore_vfs(r: Runner, *, unwinding: bool) -> None:
                   stop_requested=r.stop.is_set(), after_failed_swap=unwinding)
     # part of the critical section: a stop waits for it (bounded by its deadline), so a stop
     # never leaves the node without its VFs
+    r.restore_waited |= {p.pci for p in todo.pfs}
     result = restore(r.node, todo, deadline_s=r.config.vf_restore_timeout_s,
                      workers=r.config.vf_restore_workers, stop=threading.Event(),
                      log=r.log, bind_workers=r.config.vf_bind_workers,

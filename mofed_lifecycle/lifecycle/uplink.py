@@ -180,17 +180,20 @@ def reapply_uplink(r: Runner, pci: str | None = None) -> None:
         r.log.info("uplink.partly_restored", applied=done, waiting_for=missing)
 
 
-def finish_uplink(r: Runner, deadline_s: float) -> None:
-    """After the restore (whatever it did, even nothing): a saved uplink still owed is put back,
-    its PFs' netdevs waited for (by netdev events, within `deadline_s`) while the NIC driver is
-    loaded; never raises (the uplink is the node's, not a reason to fail the driver)."""
+def finish_uplink(r: Runner) -> None:
+    """After the restore (whatever it did, even nothing): a saved uplink still owed is put back.
+    Its PFs that no VF restore waited for (a restart after a crash with no VF owed, a PF without
+    VFs) are waited for, by netdev events, within VF_RESTORE_TIMEOUT_SEC, while
+    the NIC driver is loaded and no stop is asked; never raises (the uplink is the node's, not a
+    reason to fail the driver)."""
     saved = owed(r)
     if saved is None:
         return
     pcis = set((saved.get("pfs") or {}).values()) or {saved.get("pf_pci")}
     try:
-        if "mlx5_core" in read_module_facts(r.node.paths):
-            _wait_for_pfs(r, sorted(p for p in pcis if p), deadline_s)
+        wait = sorted(p for p in pcis if p and p not in r.restore_waited)
+        if wait and "mlx5_core" in read_module_facts(r.node.paths):
+            _wait_for_pfs(r, wait, r.config.vf_restore_timeout_s)
         reapply_uplink(r)
     except Exception as e:  # noqa: BLE001 - logged with what to do; the node stays served
         r.log.error("uplink.not_restored", error=str(e),
@@ -204,7 +207,7 @@ def _wait_for_pfs(r: Runner, pcis: list[str], deadline_s: float) -> None:
         deadline, progress = start + deadline_s, start + PROGRESS_EVERY_S
         while missing := [p for p in pcis if netdev_of(r.node.paths, p) is None]:
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or r.stop.is_set():
                 r.log.error("uplink.pf_not_back", pfs=missing, waited_s=round(now - start, 1),
                             next="check dmesg for the PF's probe error; the uplink's saved "
                                  "configuration is re-applied at the next start")
