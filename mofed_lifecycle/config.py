@@ -30,6 +30,7 @@ from .config_values import (  # noqa: F401 - some re-exported: callers parse wit
     parse_inventory_path,
     parse_modprobe_conf,
     parse_module_params,
+    parse_node_ip,
     parse_optional_abs_path,
     parse_prom_path,
     parse_refused_secret,
@@ -175,6 +176,10 @@ SPECS: tuple[Spec, ...] = (
          "bond): restore (its addresses, routes, MTU and bond membership saved, then re-applied "
          "as soon as the PF is back, before its VFs; a VLAN on the PF itself, which dies with "
          "it, refuses the reload), refuse (the reload), ignore (warn only)"),
+    Spec("NODE_IP", "node_ip", parse_node_ip, "",
+         "the node's IP (in Kubernetes the DaemonSet sets it from status.hostIP): the netdev "
+         "holding it is protected by UPLINK_POLICY like the default route's; empty: the default "
+         "route's only"),
     Spec("READY_ON_PARTIAL_RESTORE", "ready_on_partial_restore", parse_bool, "true",
          "set the readiness marker when some VFs could not be restored (they are reported by PCI "
          "address in the log and status.json, and retried at the next start); false: stay not "
@@ -255,6 +260,7 @@ class Config:
     vf_restore_workers: int
     vf_bind_workers: int
     uplink_policy: str
+    node_ip: str
     ready_on_partial_restore: bool
     heartbeat_interval_s: float
     metrics_textfile: str

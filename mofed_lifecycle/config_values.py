@@ -3,6 +3,7 @@ is accepted (config.py turns it into a ConfigError naming the variable)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from collections.abc import Callable
@@ -190,6 +191,17 @@ def parse_uplink_policy(text: str) -> str:
         raise ValueError("expected restore (save and re-apply its addresses and routes), refuse "
                          "(refuse the reload) or ignore (only warn)")
     return text.lower()
+
+
+def parse_node_ip(text: str) -> str:
+    """An IPv4 or IPv6 address, or empty (none given)."""
+    if not text.strip():
+        return ""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError("expected the node's IP address (IPv4 or IPv6, no prefix), e.g. "
+                         "10.0.0.7, or empty") from None
 
 
 def parse_text(text: str) -> str:

@@ -70,6 +70,8 @@ EXERCISED: dict[str, list[str]] = {
                       "test_uplink.py::test_refuse_refuses_the_reload_and_touches_nothing",
                       "test_uplink.py::test_ignore_only_warns_and_the_uplink_is_lost_as_on_todays_nodes",
                       "test_uplink.py::test_a_bad_policy_is_refused_at_start"],
+    "NODE_IP": ["test_uplink.py::test_the_node_ip_on_a_reloaded_pf_comes_back_where_the_default_route_is_elsewhere",
+                "test_uplink.py::test_the_simulated_kernel_lists_the_prefix_routes_and_ipv6_addresses_of_the_uplink"],
     "READY_ON_PARTIAL_RESTORE": ["test_probe_status.py::test_partial_restore_is_ready_only_when_the_daemon_was_told_to_accept_it"],
     "HEARTBEAT_INTERVAL_SEC": ["test_probe_status.py::test_live_passes_while_the_daemon_beats_and_fails_on_a_stale_or_hung_heartbeat",
                                "test_provision_sim.py::test_a_sidecar_killed_mid_build_is_reported_within_its_heartbeat_period"],

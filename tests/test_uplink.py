@@ -25,6 +25,7 @@ from mofed_lifecycle.lifecycle.uplink import check_uplink, reapply_uplink
 from mofed_lifecycle.log import get_logger
 
 from .conftest import SCENARIOS
+from .inprocess import run_cli
 from .test_lifecycle import events, jsonl, kernel_events, lifecycle, wait_for
 from .test_netlink_real import ip, netns  # noqa: F401 - the fixture
 
@@ -62,7 +63,7 @@ def test_refuse_refuses_the_reload_and_touches_nothing(make_node):
     r = lifecycle(root, "--once", env={"UPLINK_POLICY": "refuse"})
     assert r.returncode == 1
     refused = next(e for e in events(r.stderr) if e["event"] == "reload.refused")
-    assert "uplink enp8s0f0np0 is on PF 0000:08:00.0" in refused["reason"]
+    assert "uplink enp8s0f0np0 (default route) is on PF 0000:08:00.0" in refused["reason"]
     assert "UPLINK_POLICY=refuse" in refused["reason"]
     assert k.call("state")["modules"] == before and truth(k) == ("enp8s0f0np0", ADDRS)
 
@@ -298,3 +299,51 @@ def test_restore_refuses_a_reload_that_would_destroy_a_vlan_uplink(tmp_path):
     reason = r.journal.facts["reason"]
     assert "p1.10 is stacked on the PF" in reason and "not recreated" in reason
     assert "uplink" not in r.journal.facts  # nothing saved, nothing touched
+
+
+def test_node_ip_finds_the_netdev_holding_it_where_the_default_route_is_elsewhere(tmp_path):
+    """NODE_IP (status.hostIP): the default route on the onboard eno1, the node's IP on a
+    ConnectX PF (IPv4 by its prefix route, IPv6 by if_inet6): that PF is the uplink."""
+    tools = _fake_node(tmp_path, "eno1", {}, set())
+    route = tmp_path / "proc/net/route"
+    route.write_text(route.read_text() +
+                     "eno1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"  # 192.168.0.0/24
+                     "p1\t0000000A\t00000000\t0001\t0\t0\t0\t0000FFFF\n"  # 10.0.0.0/16
+                     "p0\t0001000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n")  # 10.0.1.0/24
+    (tmp_path / "proc/net/if_inet6").write_text(
+        "fd000000000000000000000000000007 04 40 00 80       p1\n")
+    devices, _gpus, pfs = connectx_devices(tools)
+    assert uplink_path(tools, devices, pfs) is None  # the default route alone: not on the card
+    up = uplink_path(tools, devices, pfs, "10.0.1.7")  # the longest prefix: p0's /24
+    assert up is not None and up.pfs == {"p0": "0000:08:00.0"}
+    assert up.carries == "node IP 10.0.1.7" and up.source == "/proc/net/route"
+    up = uplink_path(tools, devices, pfs, "fd00::7")
+    assert up is not None and up.pfs == {"p1": "0000:08:00.1"}
+    assert up.source == "/proc/net/if_inet6"
+    assert uplink_path(tools, devices, pfs, "192.168.0.9") is None  # eno1's
+
+
+def test_the_simulated_kernel_lists_the_prefix_routes_and_ipv6_addresses_of_the_uplink(make_node):
+    root, _k = make_node(UPLINK)
+    assert "enp8s0f0np0\t0000000A\t00000000\t0001" in (root / "proc/net/route").read_text()
+    inet6 = (root / "proc/net/if_inet6").read_text().split()
+    assert inet6[0] == "fd000000000000000000000000000007" and inet6[-1] == "enp8s0f0np0"
+    r = lifecycle(root, "--once", env={"NODE_IP": "10.0.0.7", "UPLINK_POLICY": "refuse"})
+    refused = next(e for e in events(r.stderr) if e["event"] == "reload.refused")
+    assert "(default route)" in refused["reason"]  # the default route's is found first
+    r = lifecycle(root, "--once", env={"NODE_IP": "10.0.0.777"})
+    assert r.returncode == 2 and "NODE_IP='10.0.0.777': expected the node's IP" in r.stderr
+
+
+def test_the_node_ip_on_a_reloaded_pf_comes_back_where_the_default_route_is_elsewhere(make_node):
+    """The default route on the onboard eno1, the node's IP (kubelet's) on the ConnectX PF: with
+    NODE_IP the PF's addresses are back after the upgrade; without it they are lost."""
+    for node_ip, name in (("10.0.0.7", "with"), ("", "without")):
+        root, k = make_node(UPLINK, name)
+        moved = run_cli(["sim", "set", "--root", str(root), "route-default", "eno1"])
+        assert moved.returncode == 0, moved.stderr
+        r = lifecycle(root, "--once", env={"NODE_IP": node_ip})
+        assert r.returncode == 0, r.stderr[-2000:]
+        st = k.call("state")
+        assert st["default_route"] == "eno1"
+        assert st["pfs"][PF]["addresses"] == (ADDRS if node_ip else [])

@@ -189,17 +189,17 @@ def check_uplink(f: NodeFacts) -> list[Finding]:
     pf, _pci = up.first
     over = "" if list(up.pfs) == [up.route_dev] else f" over {', '.join(up.pfs)}"
     pcis = ", ".join(sorted(set(up.pfs.values())))
-    evidence = [{"file": up.source, "value": f"default route on {up.route_dev}{over} (PF "
+    evidence = [{"file": up.source, "value": f"{up.carries} on {up.route_dev}{over} (PF "
                  f"{pcis})"}]
-    fix = ("a driver reload takes this PF down and the node's default route with it: keep "
+    fix = (f"a driver reload takes this PF down and the node's {up.carries} with it: keep "
            "UPLINK_POLICY=restore (addresses and routes re-applied as soon as the PF is back), "
            "or move the management network to a NIC the driver does not own")
     if up.dies_with_pf:
         evidence.append({"file": f"/sys/class/net/{up.dies_with_pf[0]}",
                          "value": f"{', '.join(up.dies_with_pf)} stacked on the PF: destroyed "
                                   "with it, not recreated"})
-        fix = ("a driver reload destroys the VLAN/macvlan that carries the node's default "
-               "route, and UPLINK_POLICY=restore refuses that reload: move the management "
+        fix = ("a driver reload destroys the VLAN/macvlan that carries the node's "
+               f"{up.carries}, and UPLINK_POLICY=restore refuses that reload: move the management "
                "network to a NIC the driver does not own (or onto a bond, which survives), or "
                "set UPLINK_POLICY=ignore and recreate it yourself after a reload")
     return [Finding("uplink-on-reloaded-pf", WARNING, pf, evidence, fix)]

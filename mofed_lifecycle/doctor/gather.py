@@ -172,5 +172,5 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
             f.installed_version = res.stdout.strip() or None if res.ok else None
         except (OSError, CommandTimeout):
             f.installed_version = None
-    f.uplink = uplink_path(tools, f.connectx, pfs)
+    f.uplink = uplink_path(tools, f.connectx, pfs, config.node_ip)
     return f

@@ -33,7 +33,7 @@ PROGRESS_EVERY_S = 10.0
 def find_uplink(r: Runner) -> UplinkPath | None:
     tools = Tools(r.node.paths, r.node.commands)
     devices, _gpus, pfs = connectx_devices(tools)
-    return uplink_path(tools, devices, pfs)
+    return uplink_path(tools, devices, pfs, r.config.node_ip)
 
 
 def owed(r: Runner) -> dict[str, Any] | None:
@@ -67,7 +67,7 @@ def check_uplink(r: Runner) -> Outcome | None:
         return None
     policy = r.config.uplink_policy
     dev, pcis = found.route_dev, sorted(set(found.pfs.values()))
-    what = f"the node's uplink {dev}" + (f" (over {', '.join(found.pfs)})"
+    what = f"the node's uplink {dev} ({found.carries})" + (f" (over {', '.join(found.pfs)})"
                                          if list(found.pfs) != [dev] else "") + \
         f" is on PF {', '.join(pcis)}, which the reload takes down"
     refusal = None

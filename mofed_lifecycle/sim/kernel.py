@@ -118,6 +118,8 @@ class SimKernel(ModulesMixin, NetlinkMixin, EswitchMixin, HostMixin):
             self.st.default_route = None
             self.tree.route(self.st)
             self.note("route.lost", name=nd.name, pci=nd.pci, addresses=nd.addresses)
+        elif nd.addresses:
+            self.tree.route(self.st)
         if nd.named:
             self.bus.emit("remove", self._devpath(nd), "net", INTERFACE=nd.name,
                           IFINDEX=str(nd.ifindex))

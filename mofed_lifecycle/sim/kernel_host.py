@@ -41,6 +41,7 @@ class HostMixin:
         if cidr in nd.addresses:
             raise KernelError(errno.EEXIST, "File exists")
         nd.addresses.append(cidr)
+        self.tree.route(self.st)  # (its prefix route)
         self.note("addr.added", name=nd.name, address=cidr)
         self.dirty = True
 

@@ -7,6 +7,7 @@ object and is idempotent, so the kernel can update exactly what changed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -149,13 +150,27 @@ class Tree:
         _write(self.root / ".sim/fw.json", json.dumps({p.pci: p.fw for p in st.pfs.values()}))
 
     def route(self, st: KernelState) -> None:
-        """/proc/net/route: the default route through `st.default_route`, as the kernel lists it."""
+        """/proc/net/route (the default route through `st.default_route` and the prefix route of
+        each IPv4 address) and /proc/net/if_inet6 (the IPv6 addresses), as the kernel lists them."""
         rows = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\t"
                 "Window\tIRTT"]
         if st.default_route:
             rows.append(f"{st.default_route}\t00000000\t0100000A\t0003\t0\t0\t100\t00000000\t0"
                         "\t0\t0")
+        inet6 = []
+        for nd in st.netdevs.values():
+            for cidr in nd.addresses:
+                iface = ipaddress.ip_interface(cidr)
+                if iface.version == 4:
+                    net = iface.network
+                    rows.append(f"{nd.name}\t{net.network_address.packed[::-1].hex().upper()}\t"
+                                f"00000000\t0001\t0\t0\t0\t"
+                                f"{net.netmask.packed[::-1].hex().upper()}\t0\t0\t0")
+                else:
+                    inet6.append(f"{iface.ip.exploded.replace(':', '')} {nd.ifindex:02x} "
+                                 f"{iface.network.prefixlen:02x} 00 80 {nd.name:>8}")
         _write(self.root / "proc/net/route", "\n".join(rows) + "\n")
+        _write(self.root / "proc/net/if_inet6", "".join(x + "\n" for x in inet6))
 
     def render_all(self, st: KernelState) -> None:
         """Everything, from scratch: used at init and to repair after a crash mid-update."""
