@@ -332,3 +332,40 @@ def test_an_uplink_vlan_on_the_pf_is_named_as_what_restore_cannot_bring_back():
     assert found.evidence[0] == {"file": "/proc/net/ipv6_route",
                                  "value": "default route on p0.10 over p0 (PF 0000:08:00.0)"}
     assert "UPLINK_POLICY=restore refuses that reload" in found.fix
+
+
+def test_sriov_en_pending_is_a_finding_only_where_it_matters():
+    from mofed_lifecycle.doctor.findings import NodeFacts, PfFirmware, diagnose
+
+    def found(sriov_en: tuple[bool, bool], wanted: int, num_vfs: tuple[int, int]) -> list[str]:
+        fw = PfFirmware("0000:08:00.0", num_vfs, sriov_en, wanted, "mstconfig -e -d ... q")
+        return [x.id for x in diagnose(NodeFacts(firmware=[fw]))]
+
+    assert found((True, False), 0, (0, 0)) == []  # being turned off on a node that wants none
+    assert found((True, False), 8, (8, 8)) == ["fw-sriov-disabled"]  # VFs lost at next boot
+    assert found((False, True), 0, (0, 0)) == ["fw-sriov-disabled"]  # on, pending a cold cycle
+    assert found((False, False), 0, (0, 0)) == []
+    assert found((True, True), 8, (8, 8)) == []
+
+
+def test_a_refusal_that_names_no_holder_makes_no_holder_finding(tmp_path):
+    """preflight's "the holders of a, b form a cycle" (a module list read while it changed) is
+    not a finding about a module called "the"."""
+    from mofed_lifecycle.config import load_config
+    from mofed_lifecycle.doctor.findings import diagnose
+    from mofed_lifecycle.doctor.gather import gather
+    from mofed_lifecycle.host.commands import Commands
+    from mofed_lifecycle.host.modules import read_module_facts
+    from mofed_lifecycle.host.node import Tools
+    from mofed_lifecycle.host.paths import NodePaths
+    from mofed_lifecycle.lifecycle.preflight import plan
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/modules").write_text(
+        "mlx5_core 1 1 mlx5_vdpa, Live 0x0\nmlx5_vdpa 1 1 mlx5_fwctl, Live 0x0\n"
+        "mlx5_fwctl 1 1 mlx5_vdpa, Live 0x0\n")
+    config = load_config({"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7"})
+    facts = gather(Tools(NodePaths.at(tmp_path), Commands({})), config)
+    assert facts.refusals == [] and plan(read_module_facts(NodePaths.at(tmp_path)), config
+                                         ).refused.startswith("the holders of")
+    assert not [f for f in diagnose(facts) if f.id.endswith("-holder")]

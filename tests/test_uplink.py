@@ -5,9 +5,14 @@ real netdevs in a network namespace."""
 from __future__ import annotations
 
 import json
+import queue
+import shutil
 import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +26,7 @@ from mofed_lifecycle.host.netlink_types import LinkChange, Route
 from mofed_lifecycle.host.node import Tools
 from mofed_lifecycle.host.paths import NodePaths
 from mofed_lifecycle.lifecycle.machine import Outcome
-from mofed_lifecycle.lifecycle.uplink import check_uplink, reapply_uplink
+from mofed_lifecycle.lifecycle.uplink import check_uplink, finish_uplink, reapply_uplink
 from mofed_lifecycle.log import get_logger
 
 from .conftest import SCENARIOS
@@ -181,7 +186,7 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
         ip("-n", netns, "addr", "add", "10.9.0.7/24", "dev", "nla0")
         ip("-n", netns, "addr", "add", "fd00::7/64", "dev", "nla0", "nodad")
         ip("-n", netns, "route", "add", "default", "via", "10.9.0.1", "dev", "nla0")
-        ip("-n", netns, "route", "add", "10.8.0.0/16", "dev", "nla0")
+        ip("-n", netns, "route", "add", "10.8.0.0/16", "dev", "nla0", "src", "10.9.0.7")
         ip("-n", netns, "route", "add", "172.16.0.0/16", "via", "192.168.99.1", "dev", "nla0",
            "onlink")
         ip("-n", netns, "-6", "route", "add", "default", "dev", "nla0", "metric", "100")
@@ -216,6 +221,7 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
         assert same(_routes(netns)) == same(before[0])
         assert same(_routes(netns, "-6")) == same(before[1])
         assert ("default", None, None, (), 100) in same(before[1])  # IPv6's, not an IPv4 one
+        assert any(x.get("prefsrc") == "10.9.0.7" for x in _routes(netns))  # its source kept
         reapply_uplink(r, "0000:08:00.0")  # type: ignore[arg-type]  # done once: no-op
         nl.add_address("nlr0", "10.9.0.7/24")  # already there: no error
         nl.add_route("nlr0", Route("default", "10.9.0.1"))
@@ -347,3 +353,182 @@ def test_the_node_ip_on_a_reloaded_pf_comes_back_where_the_default_route_is_else
         st = k.call("state")
         assert st["default_route"] == "eno1"
         assert st["pfs"][PF]["addresses"] == (ADDRS if node_ip else [])
+
+
+# ---- the save's life across crashes and restarts, on a fake node ---------------------------------
+
+
+def test_a_save_from_a_reload_that_never_happened_is_dropped_not_re_applied(make_node):
+    """Review finding: killed after the uplink was saved but before the reload; the administrator
+    then moves the default route to the onboard NIC (what the refusal advises). The next start
+    must not put the default route back on the PF from that old save."""
+    root, k = make_node(UPLINK)
+    r = lifecycle(root, "--once", env={"MOFED_LIFECYCLE_CRASH_AT": "snapshot"})
+    assert r.returncode == -9
+    assert run_cli(["sim", "set", "--root", str(root), "route-default", "eno1"]).returncode == 0
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert k.call("state")["default_route"] == "eno1"  # the administrator's stands
+    assert "uplink.save_dropped" in [e["event"] for e in events(r.stderr)]
+
+
+@dataclass
+class _Link:
+    ifindex: int
+    name: str
+    mtu: int = 1500
+    up: bool = False
+
+
+class _FakeNetlink:
+    """Links by name, each with addresses and routes: what reapply_uplink reads and writes."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, _Link] = {}
+        self.addrs: dict[str, list[str]] = {}
+
+    def add(self, name: str, ifindex: int) -> None:
+        self.links[name] = _Link(ifindex, name)
+        self.addrs[name] = []
+
+    def link(self, name: str) -> _Link | None:
+        return self.links.get(name)
+
+    def master(self, name: str) -> None:
+        return None
+
+    def set_link(self, name: str, change: LinkChange) -> None:
+        link = self.links[name]
+        link.mtu = change.mtu or link.mtu
+        link.up = link.up if change.up is None else change.up
+
+    def addresses(self, name: str) -> list[str]:
+        return list(self.addrs[name])
+
+    def add_address(self, name: str, cidr: str) -> None:
+        self.addrs[name].append(cidr)
+
+    def routes(self, name: str) -> list[Route]:
+        return []
+
+    def add_route(self, name: str, route: Route) -> None:
+        pass
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.queue: queue.Queue[object] = queue.Queue()
+
+    def poll(self, timeout: float | None) -> object | None:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+def _pf_dir(root, pci: str, netdev: str | None) -> None:
+    net = root / f"sys/bus/pci/devices/{pci}/net"
+    if net.exists():
+        shutil.rmtree(net)
+    net.mkdir(parents=True)
+    if netdev:
+        (net / netdev).mkdir()
+
+
+def _fake_runner(tmp_path, saved: dict) -> Any:
+    nl, events = _FakeNetlink(), _Events()
+    (tmp_path / "sys/module/mlx5_core").mkdir(parents=True)
+    (tmp_path / "proc").mkdir(exist_ok=True)
+    (tmp_path / "proc/modules").write_text("mlx5_core 1 0 - Live 0x0\n")
+    node = SimpleNamespace(paths=NodePaths.at(tmp_path), netlink=nl, commands=Commands({}),
+                           netdev_events=lambda: events)
+
+    class Committing(_Journal):
+        def commit(self, **kw: Any) -> bool:
+            self.set(**kw)
+            return True
+
+    return SimpleNamespace(node=node, journal=Committing({"uplink": saved}),
+                           log=get_logger("test"), stop=threading.Event(), restore_waited=set(),
+                           config=load_config({"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7",
+                                               "VF_RESTORE_TIMEOUT_SEC": "20"}),
+                           events=events)
+
+
+SAVED_PF = {"pci": "0000:08:00.0", "ifindex": 7, "addresses": ["10.0.0.7/24"], "routes": [],
+            "mtu": 9000, "up": True, "master": None}
+
+
+def test_a_pf_not_back_yet_is_waited_for_by_netdev_events_then_its_uplink_applied(tmp_path):
+    r = _fake_runner(tmp_path, {"route_dev": "p0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0",
+                                "pfs": {"p0": "0000:08:00.0"}, "devs": {"p0": dict(SAVED_PF)},
+                                "applied": [], "restored": False})
+    _pf_dir(tmp_path, "0000:08:00.0", None)  # the reload took it; it comes back in 0.2 s
+
+    def comes_back() -> None:
+        time.sleep(0.2)  # sleep-ok: the kernel's side of the test, not a wait for a condition
+        _pf_dir(tmp_path, "0000:08:00.0", "p0")
+        r.node.netlink.add("p0", 21)
+        r.events.queue.put("add p0")
+
+    threading.Thread(target=comes_back, daemon=True).start()
+    finish_uplink(r)
+    assert r.node.netlink.addresses("p0") == ["10.0.0.7/24"]
+    assert r.node.netlink.link("p0").mtu == 9000 and r.journal.facts["uplink"]["restored"]
+
+
+def test_another_port_that_took_the_pfs_old_name_is_not_given_its_configuration(tmp_path):
+    """Kernel names (eth0, eth1) and the probe order swapped: port 1 is "p0" now, port 0 has no
+    netdev yet. Nothing goes to port 1; port 0's configuration stays owed."""
+    r = _fake_runner(tmp_path, {"route_dev": "p0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0",
+                                "pfs": {"p0": "0000:08:00.0"}, "devs": {"p0": dict(SAVED_PF)},
+                                "applied": [], "restored": False})
+    _pf_dir(tmp_path, "0000:08:00.0", None)
+    _pf_dir(tmp_path, "0000:08:00.1", "p0")
+    r.node.netlink.add("p0", 30)
+    reapply_uplink(r, "0000:08:00.0")
+    reapply_uplink(r)
+    assert r.node.netlink.addresses("p0") == [] and r.node.netlink.link("p0").mtu == 1500
+    assert r.journal.facts["uplink"]["restored"] is False
+
+
+def test_a_reload_again_with_a_kept_save_owes_all_of_it_again(tmp_path):
+    """A save kept from a reload that had put port 0 back: the next reload takes port 0 down too,
+    so its configuration is owed again (not skipped as applied)."""
+    saved = {"route_dev": "p0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0",
+             "pfs": {"p0": "0000:08:00.0"}, "devs": {"p0": dict(SAVED_PF)},
+             "applied": ["p0"], "restored": False}
+    r = _fake_runner(tmp_path, saved)
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    r.node.netlink.add("p0", 21)  # a new netdev since the save (ifindex 7): it was taken down
+    r.config = load_config({"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7"})
+    assert check_uplink(r) is None
+    assert r.journal.facts["uplink"]["applied"] == [] and not r.journal.facts["uplink"]["restored"]
+    # the same netdev as when saved: nothing was lost, the save is dropped, not re-applied
+    r.node.netlink.links["p0"].ifindex = 7
+    finish_uplink(r)
+    assert r.journal.facts["uplink"] is None and r.node.netlink.addresses("p0") == []
+
+
+def test_a_multipath_default_route_cannot_be_saved_so_restore_refuses(
+        netns: str, tmp_path) -> None:  # noqa: F811
+    nl = PyrouteNetlink(netns=netns)
+    try:  # the kernel's side: an ECMP route carries its devices in RTA_MULTIPATH, not RTA_OIF
+        for dev, addr in (("nla0", "10.9.0.7/24"), ("nlb0", "10.9.1.7/24")):
+            ip("-n", netns, "link", "set", dev, "up")
+            ip("-n", netns, "addr", "add", addr, "dev", dev)
+        ip("-n", netns, "route", "add", "default", "nexthop", "via", "10.9.0.1", "dev", "nla0",
+           "nexthop", "via", "10.9.1.1", "dev", "nlb0")
+        assert [x for x in nl.routes("nla0") if x.dst == "default"] == []
+    finally:
+        nl.close()
+    tools = _fake_node(tmp_path, "p0", {}, set())  # the default route on PF p0, read as above
+    r = _fake_runner(tmp_path, None)  # type: ignore[arg-type]
+    r.node.commands = tools.commands
+    r.node.netlink.add("p0", 7)
+    assert check_uplink(r) is Outcome.REFUSED
+    assert "its default route cannot be saved" in r.journal.facts["reason"]
+    assert r.journal.facts["uplink"] is None  # nothing saved, the node untouched

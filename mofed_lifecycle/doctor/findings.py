@@ -91,9 +91,10 @@ def check_firmware(f: NodeFacts) -> list[Finding]:
     for fw in f.firmware:
         # off in firmware is a finding where VFs are wanted (the snapshot, the policy, or the
         # firmware's own NUM_OF_VFS); a node that uses no SR-IOV may well have it off
+        # (or about to be: on now, off at the next boot); turned on but pending a cold cycle
         asked = fw.wanted_vfs > 0 or (fw.num_vfs is not None and max(fw.num_vfs) > 0)
-        if fw.sriov_en is not None and (fw.sriov_en[0] != fw.sriov_en[1] or (
-                not all(fw.sriov_en) and asked)):
+        if fw.sriov_en is not None and ((not fw.sriov_en[0] and (asked or fw.sriov_en[1]))
+                                        or (not fw.sriov_en[1] and asked)):
             out.append(Finding("fw-sriov-disabled", ERROR, fw.pci, [
                 {"file": fw.source, "value": f"SRIOV_EN current {fw.sriov_en[0]}, next boot "
                  f"{fw.sriov_en[1]}"}],

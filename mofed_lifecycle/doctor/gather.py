@@ -147,7 +147,8 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
     kinds = {Category.STORAGE: "storage", Category.THIRD_PARTY: "third-party",
              Category.UNKNOWN: "unknown"}
     for why in plan(facts, config).refusals:
-        cat = classify(why.split(" ", 1)[0], config)
+        holder = why.split(" ", 1)[0]  # "<module> (<category>) holds ..."; others name none
+        cat = classify(holder, config) if holder in facts else None
         if cat in kinds:
             f.refusals.append((kinds[cat], why))
     if "nvidia_peermem" in facts:

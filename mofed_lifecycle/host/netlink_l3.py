@@ -84,7 +84,7 @@ class L3Mixin:
                 out.append(Route(f"{dst}/{m['dst_len']}" if dst else "default",
                                  _attr(m, "RTA_GATEWAY"), _attr(m, "RTA_PRIORITY"),
                                  6 if family == socket.AF_INET6 else 4, int(m["scope"]),
-                                 bool(m["flags"] & RTNH_F_ONLINK)))
+                                 bool(m["flags"] & RTNH_F_ONLINK), _attr(m, "RTA_PREFSRC")))
         return out
 
     def add_route(self, name: str, route: Route) -> None:
@@ -101,6 +101,8 @@ class L3Mixin:
             kwargs["priority"] = route.priority
         if route.onlink:
             kwargs["flags"] = RTNH_F_ONLINK
+        if route.src:
+            kwargs["prefsrc"] = route.src
         try:
             with _translated(f"add route {route.dst} via {route.gateway} dev {name}"):
                 self._ipr.route("add", **kwargs)

@@ -100,7 +100,8 @@ class LinkChange:
 class Route:
     """One route through a netdev (the uplink protection's): `dst` "default" or a CIDR; `family`
     4 or 6 (an IPv6 default is not an IPv4 one); `scope` the kernel's rtm_scope (0 universe,
-    253 link: a route without a gateway); `onlink` a gateway outside the netdev's subnets."""
+    253 link: a route without a gateway); `onlink` a gateway outside the netdev's subnets; `src`
+    the preferred source address."""
 
     dst: str
     gateway: str | None = None
@@ -108,16 +109,18 @@ class Route:
     family: int = 4
     scope: int = 0
     onlink: bool = False
+    src: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"dst": self.dst, "gateway": self.gateway, "priority": self.priority,
-                "family": self.family, "scope": self.scope, "onlink": self.onlink}
+                "family": self.family, "scope": self.scope, "onlink": self.onlink,
+                "src": self.src}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Route:
         family = d.get("family") or (6 if ":" in f"{d['dst']}{d.get('gateway') or ''}" else 4)
         return cls(str(d["dst"]), d.get("gateway"), d.get("priority"), int(family),
-                   int(d.get("scope") or 0), bool(d.get("onlink")))
+                   int(d.get("scope") or 0), bool(d.get("onlink")), d.get("src"))
 
 
 class Netlink(Protocol):

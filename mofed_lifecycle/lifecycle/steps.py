@@ -125,8 +125,10 @@ def step_preflight(r: Runner) -> Outcome:
                        recheck_in_s=r.config.recheck_interval_s,
                        next="the node is untouched; fix the reason and the daemon proceeds at "
                             "its next re-check")
+        finish_uplink(r)  # an uplink an earlier (killed) run's reload took down: back now
         return Outcome.REFUSED
     if (refused := check_uplink(r)) is not None:  # UPLINK_POLICY
+        finish_uplink(r)
         return refused
     r.journal.set(reason=None)
     r.log.info("preflight.ok", unload=list(r.preflight.unload),
@@ -320,8 +322,13 @@ def restore_inbox_driver(r: Runner) -> None:
         r.log.error("inbox_restore.skipped", error=str(e),
                        next="the vendor driver stays loaded; the VFs could not be saved")
         return
-    if check_uplink(r) is not None:  # the uplink on a PF, and UPLINK_POLICY=refuse (or a VLAN)
-        r.log.error("inbox_restore.skipped", why=r.journal.facts.get("reason"),
+    try:
+        refused = check_uplink(r) is not None  # the uplink on a PF, UPLINK_POLICY=refuse (a VLAN)
+        why = r.journal.facts.get("reason")
+    except Exception as e:  # noqa: BLE001 - (its save failed): no reload, the stop goes on
+        refused, why = True, f"the uplink could not be checked or saved: {e}"
+    if refused:
+        r.log.error("inbox_restore.skipped", why=why,
                     next="the vendor driver stays loaded; put the inbox one back by hand "
                          "(mlnxofedctl --alt-mods force-restart) once the uplink is elsewhere")
         return

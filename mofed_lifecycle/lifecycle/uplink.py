@@ -13,6 +13,7 @@ directly on a PF dies with it and is not recreated: under `restore` that reload 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .runner import Runner
 
 PROGRESS_EVERY_S = 10.0
+_REAPPLY = threading.Lock()  # restore's PF threads call back at once
 
 
 def find_uplink(r: Runner) -> UplinkPath | None:
@@ -45,7 +47,8 @@ def owed(r: Runner) -> dict[str, Any] | None:
 def _save(r: Runner, name: str, pci: str | None) -> dict[str, Any]:
     nl = r.node.netlink
     link = nl.link(name)
-    return {"pci": pci, "addresses": nl.addresses(name),
+    return {"pci": pci, "ifindex": link.ifindex if link else None,
+            "addresses": nl.addresses(name),
             "routes": [x.to_json() for x in nl.routes(name)],
             "mtu": link.mtu if link else None, "up": link.up if link else None,
             "master": nl.master(name)}
@@ -55,6 +58,9 @@ def check_uplink(r: Runner) -> Outcome | None:
     """In preflight, once the reload is allowed: REFUSED (policy refuse, or an uplink the policy
     restore cannot put back), or None to go on."""
     kept = owed(r)
+    if kept is not None and not taken_down(r, kept):
+        drop_save(r, kept, "a reload that never took its PF down")
+        kept = None
     found = find_uplink(r)
     if kept is not None:  # a crash after the reload took it down: what is there now is not it
         r.log.warning("uplink.kept", uplink=kept["route_dev"], pfs=kept.get("pfs"),
@@ -64,6 +70,7 @@ def check_uplink(r: Runner) -> Outcome | None:
     if found is None:
         if kept is None:
             r.journal.set(uplink=None)
+        _reload_again(r, kept)
         return None
     policy = r.config.uplink_policy
     dev, pcis = found.route_dev, sorted(set(found.pfs.values()))
@@ -91,13 +98,24 @@ def check_uplink(r: Runner) -> Outcome | None:
                       next="UPLINK_POLICY=ignore: nothing puts its addresses and routes back")
         if kept is None:
             r.journal.set(uplink=None)
+        _reload_again(r, kept)
         return None
     if kept is not None:
+        _reload_again(r, kept)
         return None
     pf, pci = found.first
     devs = {name: _save(r, name, p) for name, p in found.pfs.items()}
     if dev not in devs:
         devs[dev] = _save(r, dev, None)
+    if found.carries == "default route" and not any(
+            x.get("dst") == "default" for d in devs.values() for x in d["routes"]):
+        reason = (f"{what}, and its default route cannot be saved for a re-apply (a multipath "
+                  "route, or one this daemon cannot read back)")
+        r.journal.set(reason=reason)
+        r.log.error("reload.refused", reason=reason, recheck_in_s=r.config.recheck_interval_s,
+                    next="give the default route a single next hop on that netdev, move it off "
+                         "the ConnectX PFs, or set UPLINK_POLICY=ignore and restore it yourself")
+        return Outcome.REFUSED
     saved = {"route_dev": dev, "pf_netdev": pf, "pf_pci": pci, "pfs": found.pfs,
              "devs": devs, "applied": [], "restored": False}
     if not r.journal.commit(uplink=saved):
@@ -107,13 +125,50 @@ def check_uplink(r: Runner) -> Outcome | None:
     return None
 
 
-def _now_name(r: Runner, name: str, want: dict[str, Any]) -> str | None:
-    """The netdev `name` was saved as, now: a PF's by its PCI address (udev may have named it
-    anew), else by name; None if it is not there."""
-    pci = want.get("pci")
-    now = netdev_of(r.node.paths, pci) if pci else None
-    now = now or name
-    return now if r.node.netlink.link(now) is not None else None
+def _reload_again(r: Runner, kept: dict[str, Any] | None) -> None:
+    """A reload goes ahead with a save kept from an earlier one: all of it is owed again (this
+    reload takes down what the last one had put back)."""
+    if kept is not None:
+        kept["applied"] = []
+        if not r.journal.commit(uplink=kept):
+            r.require_saved("the uplink's configuration cannot be saved, nothing was touched")
+    return None
+
+
+def drop_save(r: Runner, saved: dict[str, Any], why: str) -> None:
+    r.journal.set(uplink=None)
+    r.log.info("uplink.save_dropped", uplink=saved.get("route_dev"), pfs=saved.get("pfs"),
+               why=f"saved before {why}: its PFs have the netdevs they had then (same "
+                   "ifindex), nothing of it was lost; what is there now is the administrator's")
+
+
+def _pci_of(saved: dict[str, Any], name: str, want: dict[str, Any]) -> str | None:
+    """The PF's PCI address of a saved entry (a save of the previous version has none per entry:
+    its PF's is `pf_pci`); None for a netdev that is not a PF (a bond)."""
+    if "pci" in want:
+        return want["pci"] or None
+    return saved.get("pf_pci") if name == saved.get("pf_netdev") else None
+
+
+def taken_down(r: Runner, saved: dict[str, Any]) -> bool:
+    """A PF of the save lost the netdev it had when saved (gone, or a new one: another ifindex),
+    or that cannot be told (a save of the previous version): its configuration is owed."""
+    pfs = [(pci, want) for name, want in saved.get("devs", {}).items()
+           if (pci := _pci_of(saved, name, want))]
+    for pci, want in pfs:
+        now = netdev_of(r.node.paths, pci)
+        link = r.node.netlink.link(now) if now else None
+        if want.get("ifindex") is None or link is None or link.ifindex != want["ifindex"]:
+            return True
+    return not pfs
+
+
+def _now_name(r: Runner, saved: dict[str, Any], name: str, want: dict[str, Any]) -> str | None:
+    """The netdev `name` was saved as, now: a PF's by its PCI address only (udev may have named
+    it anew, and another port may hold its old name), a bond's by name; None if not there."""
+    pci = _pci_of(saved, name, want)
+    now = netdev_of(r.node.paths, pci) if pci else name
+    return now if now and r.node.netlink.link(now) is not None else None
 
 
 def _apply(r: Runner, name: str, want: dict[str, Any], done: list[str]) -> None:
@@ -144,9 +199,20 @@ def _apply(r: Runner, name: str, want: dict[str, Any], done: list[str]) -> None:
 
 
 def reapply_uplink(r: Runner, pci: str | None = None) -> None:
-    """Put back what of the saved uplink is back: when PF `pci` is back (restore's callback), or
-    (None) whatever is owed, the last call of a restore: what is still missing is an error.
-    Idempotent; its progress is kept in the journal."""
+    """Put back what of the saved uplink is back: when PF `pci` is back (restore's callback, from
+    a PF's thread: one at a time), or (None) whatever is owed, the last call of a restore: what is
+    still missing is an error. Idempotent; its progress is kept in the journal. Never raises: a
+    failure is logged with what to do (a VF restore must not fail for it)."""
+    with _REAPPLY:
+        try:
+            _reapply(r, pci)
+        except Exception as e:  # noqa: BLE001 - a damaged save, a journal write: said, no harm
+            r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
+                        next="put it back by hand (ip addr add ... dev X; ip route add default "
+                             "via ... dev X); the saved configuration is in the journal's uplink")
+
+
+def _reapply(r: Runner, pci: str | None) -> None:
     saved = owed(r)
     pfs = saved.get("pfs") or {saved.get("pf_netdev"): saved.get("pf_pci")} if saved else {}
     if saved is None or (pci is not None and pci not in pfs.values()):
@@ -158,7 +224,7 @@ def reapply_uplink(r: Runner, pci: str | None = None) -> None:
     for name, want in saved["devs"].items():
         if name in applied:
             continue
-        now = _now_name(r, name, want)
+        now = _now_name(r, saved, name, want)
         if now is None:
             missing.append(name)
             continue
@@ -191,6 +257,9 @@ def finish_uplink(r: Runner) -> None:
         return
     pcis = set((saved.get("pfs") or {}).values()) or {saved.get("pf_pci")}
     try:
+        if not taken_down(r, saved):
+            drop_save(r, saved, "a reload that did not happen (or did not take its PF down)")
+            return
         wait = sorted(p for p in pcis if p and p not in r.restore_waited)
         if wait and "mlx5_core" in read_module_facts(r.node.paths):
             _wait_for_pfs(r, wait, r.config.vf_restore_timeout_s)

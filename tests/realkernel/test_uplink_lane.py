@@ -17,7 +17,10 @@ from .conftest import Nsim, load_netdevsim, settle, sh
 def _saved(nl: PyrouteNetlink, name: str) -> dict[str, Any]:
     link = nl.link(name)
     assert link is not None
-    return {"addresses": nl.addresses(name), "routes": [r.to_json() for r in nl.routes(name)],
+    # "pci": None: found again by name (netdevsim is no PCI device: no sysfs PCI address to
+    # find its new netdev by, as the daemon does for a ConnectX PF)
+    return {"pci": None, "addresses": nl.addresses(name),
+            "routes": [r.to_json() for r in nl.routes(name)],
             "mtu": link.mtu, "up": link.up, "master": nl.master(name)}
 
 
