@@ -185,6 +185,8 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
         ip("-n", netns, "link", "set", "nlb0", "up")
         ip("-n", netns, "addr", "add", "10.9.0.7/24", "dev", "nla0")
         ip("-n", netns, "addr", "add", "fd00::7/64", "dev", "nla0", "nodad")
+        ip("-n", netns, "addr", "add", "10.9.0.8/24", "dev", "nla0", "valid_lft", "3000",
+           "preferred_lft", "2000")  # a DHCP lease
         ip("-n", netns, "route", "add", "default", "via", "10.9.0.1", "dev", "nla0")
         ip("-n", netns, "route", "add", "10.8.0.0/16", "dev", "nla0", "src", "10.9.0.7")
         ip("-n", netns, "route", "add", "172.16.0.0/16", "via", "192.168.99.1", "dev", "nla0",
@@ -194,7 +196,10 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
         saved = {"pci": "0000:08:00.0", "addresses": nl.addresses("nla0"),
                  "routes": [x.to_json() for x in nl.routes("nla0")],
                  "mtu": 9000, "up": True, "master": nl.master("nla0")}
-        assert sorted(saved["addresses"]) == ["10.9.0.7/24", "fd00::7/64"]
+        saved["lifetimes"] = nl.address_lifetimes("nla0")
+        saved["saved_at"] = time.time() - 100  # the reload took 100 s
+        assert sorted(saved["addresses"]) == ["10.9.0.7/24", "10.9.0.8/24", "fd00::7/64"]
+        assert list(saved["lifetimes"]) == ["10.9.0.8/24"]
         assert saved["master"] is None
         got = {(x["family"], x["dst"], x["gateway"], x["onlink"]) for x in saved["routes"]}
         assert got == {(4, "default", "10.9.0.1", False), (4, "10.8.0.0/16", None, False),
@@ -213,7 +218,11 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
         assert r.journal.facts["uplink"]["restored"] is True
         link = nl.link("nlr0")
         assert link is not None and (link.mtu, link.up) == (9000, True)
-        assert sorted(nl.addresses("nlr0")) == ["10.9.0.7/24", "fd00::7/64"]
+        assert sorted(nl.addresses("nlr0")) == ["10.9.0.7/24", "10.9.0.8/24", "fd00::7/64"]
+        shown = {a["local"]: a for x in json.loads(ip("-n", netns, "-j", "addr", "show", "nlr0"
+                                                      ).stdout) for a in x["addr_info"]}
+        assert 2800 < shown["10.9.0.8"]["valid_life_time"] <= 2900  # the lease runs on
+        assert shown["10.9.0.7"]["valid_life_time"] == 4294967295  # permanent stays permanent
 
         def same(rows: list[dict]) -> set:
             return {(x["dst"], x.get("gateway"), x.get("scope"), tuple(x.get("flags", [])),
@@ -405,8 +414,11 @@ class _FakeNetlink:
     def addresses(self, name: str) -> list[str]:
         return list(self.addrs[name])
 
-    def add_address(self, name: str, cidr: str) -> None:
+    def add_address(self, name: str, cidr: str, lifetime: object = None) -> None:
         self.addrs[name].append(cidr)
+
+    def address_lifetimes(self, name: str) -> dict:
+        return {}
 
     def routes(self, name: str) -> list[Route]:
         return []

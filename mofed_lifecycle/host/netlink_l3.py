@@ -52,14 +52,36 @@ class L3Mixin:
             out.append(f"{addr}/{m['prefixlen']}")
         return out
 
-    def add_address(self, name: str, cidr: str) -> None:
+    def address_lifetimes(self, name: str) -> dict[str, tuple[int, int]]:
+        """The IPv4 addresses of `name` with a lifetime (a DHCP lease, not IFA_F_PERMANENT):
+        CIDR -> (valid, preferred) seconds left, as the kernel counts them."""
+        from .netlink import _translated
+
+        index = self._index(name)
+        with _translated(f"list addresses of {name}"):
+            msgs = self._ipr.get_addr(index=index, family=socket.AF_INET)
+        out = {}
+        for m in msgs:
+            addr, info = _attr(m, "IFA_ADDRESS"), _attr(m, "IFA_CACHEINFO")
+            flags = _attr(m, "IFA_FLAGS") or m["flags"]
+            if addr and info and not flags & IFA_F_PERMANENT:
+                out[f"{addr}/{m['prefixlen']}"] = (int(info["ifa_valid"]),
+                                                   int(info["ifa_preferred"]))
+        return out
+
+    def add_address(self, name: str, cidr: str,
+                    lifetime: tuple[int, int] | None = None) -> None:
         from .netlink import _translated
 
         address, _, prefix = cidr.partition("/")
         index = self._index(name)
+        kwargs: dict[str, Any] = {}
+        if lifetime is not None:  # a lease: it expires as it would have, its client renews it
+            kwargs["IFA_CACHEINFO"] = {"ifa_valid": lifetime[0], "ifa_preferred": lifetime[1]}
         try:
             with _translated(f"add address {cidr} to {name}"):
-                self._ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
+                self._ipr.addr("add", index=index, address=address, prefixlen=int(prefix),
+                               **kwargs)
         except NetlinkError as e:
             if e.errno != errno.EEXIST:
                 raise

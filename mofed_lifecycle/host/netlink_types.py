@@ -158,7 +158,15 @@ class Netlink(Protocol):
     # the uplink's layer 3 (host/netlink_l3.py): adding what is there already is no error
     def addresses(self, name: str) -> list[str]: ...
 
-    def add_address(self, name: str, cidr: str) -> None: ...
+    def add_address(self, name: str, cidr: str,
+                    lifetime: tuple[int, int] | None = None) -> None:
+        """`lifetime`: (valid, preferred) seconds, a leased address; None: permanent."""
+        ...
+
+    def address_lifetimes(self, name: str) -> dict[str, tuple[int, int]]:
+        """The addresses of `name` that have a lifetime (a DHCP lease): CIDR -> (valid,
+        preferred) seconds left."""
+        ...
 
     def routes(self, name: str) -> list[Route]: ...
 

@@ -47,8 +47,9 @@ def owed(r: Runner) -> dict[str, Any] | None:
 def _save(r: Runner, name: str, pci: str | None) -> dict[str, Any]:
     nl = r.node.netlink
     link = nl.link(name)
-    return {"pci": pci, "ifindex": link.ifindex if link else None,
+    return {"pci": pci, "ifindex": link.ifindex if link else None, "saved_at": time.time(),
             "addresses": nl.addresses(name),
+            "lifetimes": {k: list(v) for k, v in nl.address_lifetimes(name).items()},
             "routes": [x.to_json() for x in nl.routes(name)],
             "mtu": link.mtu if link else None, "up": link.up if link else None,
             "master": nl.master(name)}
@@ -184,10 +185,22 @@ def _apply(r: Runner, name: str, want: dict[str, Any], done: list[str]) -> None:
     if want.get("up"):
         nl.set_link(name, LinkChange(up=True))
     have = set(nl.addresses(name))
+    leases = want.get("lifetimes") or {}
     for cidr in want.get("addresses") or []:
-        if cidr not in have:
-            nl.add_address(name, cidr)
-            done.append(f"{name} address {cidr}")
+        if cidr in have:
+            continue
+        lifetime = None
+        if cidr in leases:  # what was left of its lease when saved, less the time since
+            spent = max(0, int(time.time() - float(want.get("saved_at") or time.time())))
+            valid, preferred = (int(x) for x in leases[cidr])
+            if valid - spent <= 0:
+                done.append(f"{name} address {cidr} not re-added: its lease ran out during the "
+                            "reload (its DHCP client gets a new one)")
+                continue
+            lifetime = (valid - spent, max(0, preferred - spent))
+        nl.add_address(name, cidr, lifetime)
+        done.append(f"{name} address {cidr}" + (f" (lease {lifetime[0]} s left)"
+                                                 if lifetime else ""))
     routes = set(nl.routes(name))
     # link-scope routes (no gateway) first: a gateway is reachable only through one of them
     for route in sorted((Route.from_json(x) for x in want.get("routes") or []),

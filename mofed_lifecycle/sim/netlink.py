@@ -71,7 +71,14 @@ class SimNetlink:
         rows: Any = self._call(f"list addresses of {name}", "nl_addrs", name=name)
         return [str(a) for a in rows]
 
-    def add_address(self, name: str, cidr: str) -> None:
+    def address_lifetimes(self, name: str) -> dict[str, tuple[int, int]]:
+        self.link(name)
+        return {}  # the simulated node's addresses are all permanent
+
+    def add_address(self, name: str, cidr: str,
+                    lifetime: tuple[int, int] | None = None) -> None:
+        if lifetime is not None:
+            raise NetlinkError(errno.EOPNOTSUPP, "the simulated node has no leased addresses")
         try:
             self._call(f"add address {cidr} to {name}", "nl_addr_add", name=name, cidr=cidr)
         except NetlinkError as e:
