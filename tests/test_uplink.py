@@ -22,11 +22,16 @@ from mofed_lifecycle.doctor.gather import connectx_devices
 from mofed_lifecycle.doctor.uplink_path import uplink_path
 from mofed_lifecycle.host.commands import Commands
 from mofed_lifecycle.host.netlink import PyrouteNetlink
-from mofed_lifecycle.host.netlink_types import LinkChange, Route
+from mofed_lifecycle.host.netlink_types import LinkChange, NetlinkError, Route
 from mofed_lifecycle.host.node import Tools
 from mofed_lifecycle.host.paths import NodePaths
 from mofed_lifecycle.lifecycle.machine import Outcome
-from mofed_lifecycle.lifecycle.uplink import check_uplink, finish_uplink, reapply_uplink
+from mofed_lifecycle.lifecycle.uplink import (
+    check_uplink,
+    finish_uplink,
+    reapply_uplink,
+    startup_uplink,
+)
 from mofed_lifecycle.log import get_logger
 
 from .conftest import SCENARIOS
@@ -197,7 +202,6 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
                  "routes": [x.to_json() for x in nl.routes("nla0")],
                  "mtu": 9000, "up": True, "master": nl.master("nla0")}
         saved["lifetimes"] = nl.address_lifetimes("nla0")
-        saved["saved_at"] = time.time() - 100  # the reload took 100 s
         assert sorted(saved["addresses"]) == ["10.9.0.7/24", "10.9.0.8/24", "fd00::7/64"]
         assert list(saved["lifetimes"]) == ["10.9.0.8/24"]
         assert saved["master"] is None
@@ -221,8 +225,10 @@ def test_the_saved_uplink_is_re_applied_on_real_netdevs(netns: str, tmp_path) ->
         assert sorted(nl.addresses("nlr0")) == ["10.9.0.7/24", "10.9.0.8/24", "fd00::7/64"]
         shown = {a["local"]: a for x in json.loads(ip("-n", netns, "-j", "addr", "show", "nlr0"
                                                       ).stdout) for a in x["addr_info"]}
-        assert 2800 < shown["10.9.0.8"]["valid_life_time"] <= 2900  # the lease runs on
-        assert shown["10.9.0.7"]["valid_life_time"] == 4294967295  # permanent stays permanent
+        # a lease comes back permanent: if its client watched the old netdev, a lifetime would
+        # take the node's address away hours later
+        assert shown["10.9.0.8"]["valid_life_time"] == 4294967295
+        assert shown["10.9.0.7"]["valid_life_time"] == 4294967295
 
         def same(rows: list[dict]) -> set:
             return {(x["dst"], x.get("gateway"), x.get("scope"), tuple(x.get("flags", [])),
@@ -414,7 +420,7 @@ class _FakeNetlink:
     def addresses(self, name: str) -> list[str]:
         return list(self.addrs[name])
 
-    def add_address(self, name: str, cidr: str, lifetime: object = None) -> None:
+    def add_address(self, name: str, cidr: str) -> None:
         self.addrs[name].append(cidr)
 
     def address_lifetimes(self, name: str) -> dict:
@@ -465,6 +471,7 @@ def _fake_runner(tmp_path, saved: dict) -> Any:
 
     return SimpleNamespace(node=node, journal=Committing({"uplink": saved}),
                            log=get_logger("test"), stop=threading.Event(), restore_waited=set(),
+                           uplink_tried=False,
                            config=load_config({"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7",
                                                "VF_RESTORE_TIMEOUT_SEC": "20"}),
                            events=events)
@@ -544,3 +551,110 @@ def test_a_multipath_default_route_cannot_be_saved_so_restore_refuses(
     assert check_uplink(r) is Outcome.REFUSED
     assert "its default route cannot be saved" in r.journal.facts["reason"]
     assert r.journal.facts["uplink"] is None  # nothing saved, the node untouched
+
+
+class _RefusingRoutes(_FakeNetlink):
+    def add_route(self, name: str, route: Route) -> None:
+        raise NetlinkError(22, "Invalid argument")
+
+
+def _saved_with_route() -> dict:
+    pf = dict(SAVED_PF, routes=[{"dst": "default", "gateway": "10.0.0.1"}])
+    return {"route_dev": "p0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0",
+            "pfs": {"p0": "0000:08:00.0"}, "devs": {"p0": pf}, "applied": [], "restored": False}
+
+
+def test_what_the_kernel_keeps_refusing_is_given_up_and_never_re_applied_at_a_later_start(tmp_path):
+    """Review finding: a re-apply the kernel refuses in part must not stay owed for ever (every
+    restart re-applying the old addresses over the administrator's, the next upgrade reusing the
+    old save). Retried, then given up; a later start and the next reload take what is there."""
+    r = _fake_runner(tmp_path, _saved_with_route())
+    r.node.netlink = _RefusingRoutes()
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    r.node.netlink.add("p0", 21)  # the reload's new netdev
+    r.stop.set()  # (the retries' pauses cut short)
+    finish_uplink(r)
+    assert r.node.netlink.addresses("p0") == ["10.0.0.7/24"]  # what the kernel took is back
+    assert r.journal.facts["uplink"] is None  # given up: nothing owed any more
+    r.node.netlink.addrs["p0"] = ["10.0.0.99/24"]  # the administrator's fix
+    later = _fake_runner(tmp_path / "later", None)  # type: ignore[arg-type]
+    later.node, later.journal = r.node, r.journal
+    startup_uplink(later)
+    finish_uplink(later)
+    assert r.node.netlink.addresses("p0") == ["10.0.0.99/24"]
+
+
+def test_killed_after_a_partial_re_apply_the_next_start_drops_the_save(tmp_path):
+    """The same, killed between the re-apply and the give-up: the save says which netdev it was
+    re-applied on (seen_ifindex); on that netdev it is not owed again."""
+    saved = _saved_with_route()
+    saved["devs"]["p0"]["seen_ifindex"] = 21
+    r = _fake_runner(tmp_path, saved)
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    r.node.netlink.add("p0", 21)
+    r.node.netlink.addrs["p0"] = ["10.0.0.99/24"]
+    startup_uplink(r)
+    assert r.journal.facts["uplink"] is None and r.node.netlink.addresses("p0") == ["10.0.0.99/24"]
+
+
+def test_a_save_of_the_previous_version_is_owed_only_if_a_reload_followed_it(tmp_path):
+    """Journals outlive a daemon upgrade: a save without ifindexes is judged by the history."""
+    for history, owed_after in (
+            ([{"state": "preflight", "at": 1.0}, {"state": "snapshot", "at": 2.0}], False),
+            ([{"state": "preflight", "at": 1.0}, {"state": "unload-aux", "at": 2.0}], True)):
+        legacy = {"route_dev": "p0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0",
+                  "devs": {"p0": {"addresses": ["10.0.0.7/24"], "routes": [], "mtu": None,
+                                  "up": True, "master": None}}, "restored": False}
+        root = tmp_path / str(owed_after)
+        r = _fake_runner(root, legacy)
+        r.journal.history, r.journal.run_started = history, 10.0
+        _pf_dir(root, "0000:08:00.0", "p0")
+        r.node.netlink.add("p0", 21)
+        startup_uplink(r)
+        assert r.node.netlink.addresses("p0") == (["10.0.0.7/24"] if owed_after else [])
+
+
+def test_an_ipv6_default_route_from_router_advertisements_is_not_a_multipath_refusal(tmp_path):
+    """Review finding: an RA default route is not saved (it comes back with the next RA), so it
+    must not read as a default route that cannot be saved."""
+    tools = _fake_node(tmp_path, "none", {}, set())
+    (tmp_path / "proc/net/route").write_text("Iface\tDestination\tGateway\n")
+    ra = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 " \
+         "fe800000000000000000000000000001 00000400 00000001 00000000 {flags} p0\n"
+    r = _fake_runner(tmp_path, None)  # type: ignore[arg-type]
+    r.node.commands = tools.commands
+    r.node.netlink.add("p0", 7)
+    (tmp_path / "proc/net/ipv6_route").write_text(ra.format(flags="00450003"))  # RA, default
+    assert check_uplink(r) is None and r.journal.facts["uplink"]["pfs"] == {"p0": "0000:08:00.0"}
+    r.journal.facts["uplink"] = None
+    (tmp_path / "proc/net/ipv6_route").write_text(ra.format(flags="00000003"))  # static
+    assert check_uplink(r) is Outcome.REFUSED  # (the fake saves no route: not savable)
+
+
+def test_a_re_apply_never_raises_into_the_restore(tmp_path):
+    class Broken(_FakeNetlink):
+        def addresses(self, name: str) -> list[str]:
+            raise RuntimeError("netlink surprise")
+
+    r = _fake_runner(tmp_path, _saved_with_route())
+    r.node.netlink = Broken()
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    r.node.netlink.add("p0", 21)
+    reapply_uplink(r, "0000:08:00.0")  # logged, not raised
+    assert r.journal.facts["uplink"]["restored"] is False
+
+
+def test_killed_after_the_reload_the_next_start_puts_the_uplink_back_before_anything(make_node):
+    """startup: the predecessor's reload completed (the PF back bare) and it was killed: the
+    uplink is back at start, before provisioning (a build may take many minutes)."""
+    root, k = make_node(UPLINK)
+    r = lifecycle(root, "--once", env={"MOFED_LIFECYCLE_CRASH_AT": "reload-aux"})
+    assert r.returncode == -9 and truth(k) == (None, [])
+    r = lifecycle(root, "--once")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert truth(k) == ("enp8s0f0np0", ADDRS)
+    evs = events(r.stderr)
+    back = next(i for i, e in enumerate(evs) if e["event"] == "uplink.restored")
+    first = next(i for i, e in enumerate(evs) if e["event"] == "state.entered"
+                 and e.get("state") == "provision")
+    assert back < first

@@ -16,6 +16,8 @@ from pathlib import Path
 from ..host.node import Tools
 from .rdma_config import Device
 
+RTF_ADDRCONF = 0x00040000  # a route from an IPv6 router advertisement
+
 
 def _read(p: Path) -> str:
     try:
@@ -31,6 +33,7 @@ class UplinkPath:
     dies_with_pf: tuple[str, ...] = ()  # stacked directly on a PF, not a bond: destroyed with it
     source: str = "/proc/net/route"  # where the default route was read
     carries: str = "default route"  # or "node IP 10.0.0.7" (NODE_IP)
+    default_by_ra: bool = False  # an IPv6 default route from router advertisements (comes back)
 
     @property
     def first(self) -> tuple[str, str]:
@@ -38,17 +41,21 @@ class UplinkPath:
         return next(iter(self.pfs.items()))
 
 
-def default_route(tools: Tools) -> tuple[str, str] | None:
-    """(the default route's netdev, the file that says so): IPv4's (/proc/net/route), else
-    IPv6's (/proc/net/ipv6_route)."""
+def default_route(tools: Tools) -> tuple[str, str, bool] | None:
+    """(the default route's netdev, the file that says so, whether it is an IPv6 router
+    advertisement's): IPv4's (/proc/net/route), else IPv6's (/proc/net/ipv6_route)."""
     for line in _read(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
         f = line.split()
         if len(f) > 7 and f[1] == "00000000" and f[7] == "00000000":
-            return f[0], "/proc/net/route"
+            return f[0], "/proc/net/route", False
     for line in _read(tools.paths.resolve("/proc/net/ipv6_route")).splitlines():
         f = line.split()  # dst, dst len, src, src len, next hop, metric, refcnt, use, flags, dev
         if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
-            return f[9], "/proc/net/ipv6_route"
+            try:
+                ra = bool(int(f[8], 16) & RTF_ADDRCONF)
+            except ValueError:
+                ra = False
+            return f[9], "/proc/net/ipv6_route", ra
     return None
 
 
@@ -105,11 +112,12 @@ def uplink_path(tools: Tools, devices: list[Device], pfs: set[str] | dict[str, P
     """The uplink's path down to the ConnectX PFs `pfs` (PCI addresses): the default route's
     netdev's, else (`node_ip`, NODE_IP) the netdev holding the node's IP; None when neither goes
     through a ConnectX PF."""
-    for found, carries in ((default_route(tools), "default route"),
-                           (node_ip_dev(tools, node_ip) if node_ip else None,
-                            f"node IP {node_ip}")):
-        if found is not None and (up := _path(tools, devices, pfs, *found)) is not None:
-            return replace(up, carries=carries)
+    route = default_route(tools)
+    if route is not None and (up := _path(tools, devices, pfs, route[0], route[1])) is not None:
+        return replace(up, default_by_ra=route[2])
+    by_ip = node_ip_dev(tools, node_ip) if node_ip else None
+    if by_ip is not None and (up := _path(tools, devices, pfs, *by_ip)) is not None:
+        return replace(up, carries=f"node IP {node_ip}")
     return None
 
 

@@ -69,19 +69,14 @@ class L3Mixin:
                                                    int(info["ifa_preferred"]))
         return out
 
-    def add_address(self, name: str, cidr: str,
-                    lifetime: tuple[int, int] | None = None) -> None:
+    def add_address(self, name: str, cidr: str) -> None:
         from .netlink import _translated
 
         address, _, prefix = cidr.partition("/")
         index = self._index(name)
-        kwargs: dict[str, Any] = {}
-        if lifetime is not None:  # a lease: it expires as it would have, its client renews it
-            kwargs["IFA_CACHEINFO"] = {"ifa_valid": lifetime[0], "ifa_preferred": lifetime[1]}
         try:
             with _translated(f"add address {cidr} to {name}"):
-                self._ipr.addr("add", index=index, address=address, prefixlen=int(prefix),
-                               **kwargs)
+                self._ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
         except NetlinkError as e:
             if e.errno != errno.EEXIST:
                 raise

@@ -158,9 +158,8 @@ class Netlink(Protocol):
     # the uplink's layer 3 (host/netlink_l3.py): adding what is there already is no error
     def addresses(self, name: str) -> list[str]: ...
 
-    def add_address(self, name: str, cidr: str,
-                    lifetime: tuple[int, int] | None = None) -> None:
-        """`lifetime`: (valid, preferred) seconds, a leased address; None: permanent."""
+    def add_address(self, name: str, cidr: str) -> None:
+        """Add `cidr` to `name`, permanent (there already: no error)."""
         ...
 
     def address_lifetimes(self, name: str) -> dict[str, tuple[int, int]]:

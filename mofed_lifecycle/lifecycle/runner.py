@@ -38,6 +38,7 @@ from .machine import CRITICAL, Outcome, State, next_state
 from .preflight import Preflight
 from .steps import STEPS, restore_inbox_driver
 from .telemetry import Telemetry
+from .uplink import startup_uplink
 
 EXIT_OK, EXIT_FAILED = 0, 1
 CRASH_AT_ENV = "MOFED_LIFECYCLE_CRASH_AT"  # fault injection for tests: SIGKILL self on entering
@@ -88,6 +89,7 @@ class Runner:
         self.crash_at = os.environ.get(CRASH_AT_ENV, "")
         self.swap_failed = False  # a step of the swap failed: unblacklist, then fail
         self.restore_waited: set[str] = set()  # PFs a VF restore waited for (their netdevs)
+        self.uplink_tried = False  # this run re-applied the saved uplink on its PFs' netdevs
         self.record_damaged: str | None = None  # the journal and its copy are unreadable
         # sd_notify (STATUS=, READY=1, STOPPING=1, WATCHDOG=1), heartbeat.json, metrics
         self.telemetry = Telemetry(p, config, self.journal,
@@ -201,6 +203,7 @@ class Runner:
         # `restore` is this run's summary (status shows this run's VF counts, not a past run's)
         self.journal.set(blacklist_written=False, last_error=None, reloaded_this_run=False,
                          restore=None)
+        startup_uplink(self)  # a killed predecessor's reload took the uplink: back first
 
     def _run_locked(self) -> int:
         state = State.LOCK

@@ -127,7 +127,17 @@ def step_preflight(r: Runner) -> Outcome:
                             "its next re-check")
         finish_uplink(r)  # an uplink an earlier (killed) run's reload took down: back now
         return Outcome.REFUSED
-    if (refused := check_uplink(r)) is not None:  # UPLINK_POLICY
+    try:
+        refused = check_uplink(r)  # UPLINK_POLICY
+    except StepFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - no reload without knowing the uplink is safe
+        reason = f"the node's uplink could not be checked or saved: {type(e).__name__}: {e}"
+        r.journal.set(reason=reason)
+        r.log.error("reload.refused", reason=reason, recheck_in_s=r.config.recheck_interval_s,
+                    next="the node is untouched; see the error, or set UPLINK_POLICY=ignore")
+        refused = Outcome.REFUSED
+    if refused is not None:
         finish_uplink(r)
         return refused
     r.journal.set(reason=None)

@@ -13,23 +13,32 @@ directly on a PF dies with it and is not recreated: under `restore` that reload 
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ..doctor.gather import connectx_devices
 from ..doctor.uplink_path import UplinkPath, uplink_path
 from ..host.modules import read_module_facts
-from ..host.netlink_types import LinkChange, NetlinkError, Route
+from ..host.netlink_types import Route
 from ..host.node import Tools
 from ..sriov.snapshot import netdev_of
 from .machine import Outcome
+from .uplink_apply import (
+    drop_save,
+    give_up,
+    owed,
+    pf_entries,
+    pfs_present,
+    reapply_uplink,
+    taken_down,
+)
 
 if TYPE_CHECKING:
     from .runner import Runner
 
 PROGRESS_EVERY_S = 10.0
-_REAPPLY = threading.Lock()  # restore's PF threads call back at once
+REAPPLY_ATTEMPTS = 3  # the kernel refused part of it: tried again after 1 s, 2 s
+__all__ = ["check_uplink", "finish_uplink", "reapply_uplink", "startup_uplink"]
 
 
 def find_uplink(r: Runner) -> UplinkPath | None:
@@ -38,16 +47,10 @@ def find_uplink(r: Runner) -> UplinkPath | None:
     return uplink_path(tools, devices, pfs, r.config.node_ip)
 
 
-def owed(r: Runner) -> dict[str, Any] | None:
-    """The saved uplink not put back yet, if any."""
-    saved = r.journal.facts.get("uplink")
-    return saved if isinstance(saved, dict) and not saved.get("restored") else None
-
-
 def _save(r: Runner, name: str, pci: str | None) -> dict[str, Any]:
     nl = r.node.netlink
     link = nl.link(name)
-    return {"pci": pci, "ifindex": link.ifindex if link else None, "saved_at": time.time(),
+    return {"pci": pci, "ifindex": link.ifindex if link else None,
             "addresses": nl.addresses(name),
             "lifetimes": {k: list(v) for k, v in nl.address_lifetimes(name).items()},
             "routes": [x.to_json() for x in nl.routes(name)],
@@ -60,7 +63,7 @@ def check_uplink(r: Runner) -> Outcome | None:
     restore cannot put back), or None to go on."""
     kept = owed(r)
     if kept is not None and not taken_down(r, kept):
-        drop_save(r, kept, "a reload that never took its PF down")
+        drop_save(r, kept, "saved before a reload that never took its PF down")
         kept = None
     found = find_uplink(r)
     if kept is not None:  # a crash after the reload took it down: what is there now is not it
@@ -108,8 +111,10 @@ def check_uplink(r: Runner) -> Outcome | None:
     devs = {name: _save(r, name, p) for name, p in found.pfs.items()}
     if dev not in devs:
         devs[dev] = _save(r, dev, None)
-    if found.carries == "default route" and not any(
-            x.get("dst") == "default" for d in devs.values() for x in d["routes"]):
+    family = 4 if found.source == "/proc/net/route" else 6
+    if found.carries == "default route" and not found.default_by_ra and not any(
+            x.get("dst") == "default" and Route.from_json(x).family == family
+            for d in devs.values() for x in d["routes"]):
         reason = (f"{what}, and its default route cannot be saved for a re-apply (a multipath "
                   "route, or one this daemon cannot read back)")
         r.journal.set(reason=reason)
@@ -136,149 +141,49 @@ def _reload_again(r: Runner, kept: dict[str, Any] | None) -> None:
     return None
 
 
-def drop_save(r: Runner, saved: dict[str, Any], why: str) -> None:
-    r.journal.set(uplink=None)
-    r.log.info("uplink.save_dropped", uplink=saved.get("route_dev"), pfs=saved.get("pfs"),
-               why=f"saved before {why}: its PFs have the netdevs they had then (same "
-                   "ifindex), nothing of it was lost; what is there now is the administrator's")
-
-
-def _pci_of(saved: dict[str, Any], name: str, want: dict[str, Any]) -> str | None:
-    """The PF's PCI address of a saved entry (a save of the previous version has none per entry:
-    its PF's is `pf_pci`); None for a netdev that is not a PF (a bond)."""
-    if "pci" in want:
-        return want["pci"] or None
-    return saved.get("pf_pci") if name == saved.get("pf_netdev") else None
-
-
-def taken_down(r: Runner, saved: dict[str, Any]) -> bool:
-    """A PF of the save lost the netdev it had when saved (gone, or a new one: another ifindex),
-    or that cannot be told (a save of the previous version): its configuration is owed."""
-    pfs = [(pci, want) for name, want in saved.get("devs", {}).items()
-           if (pci := _pci_of(saved, name, want))]
-    for pci, want in pfs:
-        now = netdev_of(r.node.paths, pci)
-        link = r.node.netlink.link(now) if now else None
-        if want.get("ifindex") is None or link is None or link.ifindex != want["ifindex"]:
-            return True
-    return not pfs
-
-
-def _now_name(r: Runner, saved: dict[str, Any], name: str, want: dict[str, Any]) -> str | None:
-    """The netdev `name` was saved as, now: a PF's by its PCI address only (udev may have named
-    it anew, and another port may hold its old name), a bond's by name; None if not there."""
-    pci = _pci_of(saved, name, want)
-    now = netdev_of(r.node.paths, pci) if pci else name
-    return now if now and r.node.netlink.link(now) is not None else None
-
-
-def _apply(r: Runner, name: str, want: dict[str, Any], done: list[str]) -> None:
-    nl = r.node.netlink
-    link = nl.link(name)
-    if want.get("master") and nl.master(name) != want["master"]:
-        nl.set_link(name, LinkChange(up=False))
-        nl.set_master(name, want["master"])
-        done.append(f"{name} master {want['master']}")
-    if want.get("mtu") and link is not None and link.mtu != want["mtu"]:
-        nl.set_link(name, LinkChange(mtu=want["mtu"]))
-        done.append(f"{name} mtu {want['mtu']}")
-    if want.get("up"):
-        nl.set_link(name, LinkChange(up=True))
-    have = set(nl.addresses(name))
-    leases = want.get("lifetimes") or {}
-    for cidr in want.get("addresses") or []:
-        if cidr in have:
-            continue
-        lifetime = None
-        if cidr in leases:  # what was left of its lease when saved, less the time since
-            spent = max(0, int(time.time() - float(want.get("saved_at") or time.time())))
-            valid, preferred = (int(x) for x in leases[cidr])
-            if valid - spent <= 0:
-                done.append(f"{name} address {cidr} not re-added: its lease ran out during the "
-                            "reload (its DHCP client gets a new one)")
-                continue
-            lifetime = (valid - spent, max(0, preferred - spent))
-        nl.add_address(name, cidr, lifetime)
-        done.append(f"{name} address {cidr}" + (f" (lease {lifetime[0]} s left)"
-                                                 if lifetime else ""))
-    routes = set(nl.routes(name))
-    # link-scope routes (no gateway) first: a gateway is reachable only through one of them
-    for route in sorted((Route.from_json(x) for x in want.get("routes") or []),
-                        key=lambda x: x.gateway is not None):
-        if route not in routes:
-            nl.add_route(name, route)
-            done.append(f"{name} route {route.dst}" + (f" via {route.gateway}"
-                                                        if route.gateway else ""))
-
-
-def reapply_uplink(r: Runner, pci: str | None = None) -> None:
-    """Put back what of the saved uplink is back: when PF `pci` is back (restore's callback, from
-    a PF's thread: one at a time), or (None) whatever is owed, the last call of a restore: what is
-    still missing is an error. Idempotent; its progress is kept in the journal. Never raises: a
-    failure is logged with what to do (a VF restore must not fail for it)."""
-    with _REAPPLY:
-        try:
-            _reapply(r, pci)
-        except Exception as e:  # noqa: BLE001 - a damaged save, a journal write: said, no harm
-            r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
-                        next="put it back by hand (ip addr add ... dev X; ip route add default "
-                             "via ... dev X); the saved configuration is in the journal's uplink")
-
-
-def _reapply(r: Runner, pci: str | None) -> None:
-    saved = owed(r)
-    pfs = saved.get("pfs") or {saved.get("pf_netdev"): saved.get("pf_pci")} if saved else {}
-    if saved is None or (pci is not None and pci not in pfs.values()):
-        return
-    applied: list[str] = list(saved.get("applied") or [])
-    done: list[str] = []
-    failed: list[str] = []
-    missing: list[str] = []
-    for name, want in saved["devs"].items():
-        if name in applied:
-            continue
-        now = _now_name(r, saved, name, want)
-        if now is None:
-            missing.append(name)
-            continue
-        try:
-            _apply(r, now, want, done)
-            applied.append(name)
-        except (NetlinkError, OSError) as e:
-            failed.append(f"{now}: {e}")
-    saved.update(applied=applied, restored=len(applied) == len(saved["devs"]))
-    r.journal.set(uplink=saved)
-    if failed or (pci is None and missing):
-        r.log.error("uplink.not_restored", failed=failed, not_back=missing, restored=done,
-                    next="put them back by hand (ip addr add ... dev X; ip route add default "
-                         "via ... dev X); the saved configuration is in the journal's uplink; "
-                         "a restart of the daemon retries it")
-    elif saved["restored"]:
-        r.log.info("uplink.restored", uplink=saved["route_dev"], pfs=pfs, applied=done)
-    elif done:
-        r.log.info("uplink.partly_restored", applied=done, waiting_for=missing)
-
-
-def finish_uplink(r: Runner) -> None:
-    """After the restore (whatever it did, even nothing): a saved uplink still owed is put back.
-    Its PFs that no VF restore waited for (a restart after a crash with no VF owed, a PF without
-    VFs) are waited for, by netdev events, within VF_RESTORE_TIMEOUT_SEC, while
-    the NIC driver is loaded and no stop is asked; never raises (the uplink is the node's, not a
-    reason to fail the driver)."""
+def startup_uplink(r: Runner) -> None:
+    """At start: a save owed by a killed predecessor whose reload completed (its PFs back, on new
+    netdevs) is put back now, not only once this run reaches its restore (a build or a failing
+    step may come first). One its reload never took down is dropped."""
     saved = owed(r)
     if saved is None:
         return
-    pcis = set((saved.get("pfs") or {}).values()) or {saved.get("pf_pci")}
     try:
         if not taken_down(r, saved):
-            drop_save(r, saved, "a reload that did not happen (or did not take its PF down)")
+            drop_save(r, saved, "saved before a reload that did not happen (or was re-applied)")
+        elif pfs_present(r, saved):
+            reapply_uplink(r)
+    except Exception as e:  # noqa: BLE001 - logged with what to do; the start goes on
+        r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
+                    next="put it back by hand; the saved configuration is in the journal")
+
+
+def finish_uplink(r: Runner) -> None:
+    """After the restore (whatever it did, even nothing) and on a refused re-check: a saved
+    uplink still owed is put back. Its PFs that no VF restore waited for (a restart after a crash
+    with no VF owed, a PF without VFs) are waited for, by netdev events, within
+    VF_RESTORE_TIMEOUT_SEC, while the NIC driver is loaded and no stop is asked. What the kernel
+    refuses on the PFs' netdevs is retried (REAPPLY_ATTEMPTS), then given up (logged, dropped).
+    Never raises (the uplink is the node's, not a reason to fail the driver)."""
+    saved = owed(r)
+    if saved is None:
+        return
+    try:
+        if not taken_down(r, saved, since_reapply=not getattr(r, "uplink_tried", False)):
+            drop_save(r, saved, "saved before a reload that did not happen (or was re-applied)")
             return
-        wait = sorted(p for p in pcis if p and p not in r.restore_waited)
-        if wait and "mlx5_core" in read_module_facts(r.node.paths):
-            _wait_for_pfs(r, wait, r.config.vf_restore_timeout_s)
-        reapply_uplink(r)
+        pcis = sorted({pci for pci, _ in pf_entries(saved)} - set(r.restore_waited))
+        if pcis and "mlx5_core" in read_module_facts(r.node.paths):
+            _wait_for_pfs(r, pcis, r.config.vf_restore_timeout_s)
+        for attempt in range(1, REAPPLY_ATTEMPTS + 1):
+            reapply_uplink(r)
+            if (saved := owed(r)) is None or not pfs_present(r, saved):
+                return  # back; or a PF is not: owed, re-applied when it is (restore, next start)
+            if attempt < REAPPLY_ATTEMPTS:  # no event says the kernel would take it now
+                r.stop.wait(attempt)
+        give_up(r, saved)
     except Exception as e:  # noqa: BLE001 - logged with what to do; the node stays served
-        r.log.error("uplink.not_restored", error=str(e),
+        r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
                     next="put it back by hand; the saved configuration is in the journal")
 
 

@@ -75,10 +75,7 @@ class SimNetlink:
         self.link(name)
         return {}  # the simulated node's addresses are all permanent
 
-    def add_address(self, name: str, cidr: str,
-                    lifetime: tuple[int, int] | None = None) -> None:
-        if lifetime is not None:
-            raise NetlinkError(errno.EOPNOTSUPP, "the simulated node has no leased addresses")
+    def add_address(self, name: str, cidr: str) -> None:
         try:
             self._call(f"add address {cidr} to {name}", "nl_addr_add", name=name, cidr=cidr)
         except NetlinkError as e:
