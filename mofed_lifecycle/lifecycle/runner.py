@@ -251,6 +251,7 @@ class Runner:
             return Outcome.OK
         if state is State.PROVISION:  # a new cycle
             self.failed_in = None
+            self.restore_waited = set()  # (uplink_tried is this process's, across cycles)
         try:
             return STEPS[state](self)
         except (StepFailed, ModuleCommandError, CommandTimeout, OSError) as e:
