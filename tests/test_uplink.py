@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from mofed_lifecycle.config import load_config
 from mofed_lifecycle.doctor.gather import connectx_devices
@@ -25,6 +26,7 @@ from mofed_lifecycle.host.netlink import PyrouteNetlink
 from mofed_lifecycle.host.netlink_types import LinkChange, NetlinkError, Route
 from mofed_lifecycle.host.node import Tools
 from mofed_lifecycle.host.paths import NodePaths
+from mofed_lifecycle.lifecycle import uplink
 from mofed_lifecycle.lifecycle.machine import Outcome
 from mofed_lifecycle.lifecycle.uplink import (
     check_uplink,
@@ -401,6 +403,7 @@ class _FakeNetlink:
     def __init__(self) -> None:
         self.links: dict[str, _Link] = {}
         self.addrs: dict[str, list[str]] = {}
+        self.added_routes: dict[str, list[Route]] = {}
 
     def add(self, name: str, ifindex: int) -> None:
         self.links[name] = _Link(ifindex, name)
@@ -427,10 +430,10 @@ class _FakeNetlink:
         return {}
 
     def routes(self, name: str) -> list[Route]:
-        return []
+        return list(self.added_routes.get(name, []))
 
     def add_route(self, name: str, route: Route) -> None:
-        pass
+        self.added_routes.setdefault(name, []).append(route)
 
 
 class _Events:
@@ -471,7 +474,6 @@ def _fake_runner(tmp_path, saved: dict) -> Any:
 
     return SimpleNamespace(node=node, journal=Committing({"uplink": saved}),
                            log=get_logger("test"), stop=threading.Event(), restore_waited=set(),
-                           uplink_tried=False,
                            config=load_config({"NVIDIA_NIC_DRIVER_VER": "25.07-0.9.7",
                                                "VF_RESTORE_TIMEOUT_SEC": "20"}),
                            events=events)
@@ -564,16 +566,21 @@ def _saved_with_route() -> dict:
             "pfs": {"p0": "0000:08:00.0"}, "devs": {"p0": pf}, "applied": [], "restored": False}
 
 
-def test_what_the_kernel_keeps_refusing_is_given_up_and_never_re_applied_at_a_later_start(tmp_path):
+def test_what_the_kernel_keeps_refusing_is_given_up_and_never_re_applied_at_a_later_start(
+        tmp_path, monkeypatch):
     """Review finding: a re-apply the kernel refuses in part must not stay owed for ever (every
     restart re-applying the old addresses over the administrator's, the next upgrade reusing the
-    old save). Retried, then given up; a later start and the next reload take what is there."""
+    old save). Retried (REAPPLY_ATTEMPTS passes), then given up; a later start leaves the node."""
+    monkeypatch.setattr(uplink, "RETRY_PAUSE_S", 0.01)
     r = _fake_runner(tmp_path, _saved_with_route())
     r.node.netlink = _RefusingRoutes()
     _pf_dir(tmp_path, "0000:08:00.0", "p0")
     r.node.netlink.add("p0", 21)  # the reload's new netdev
-    r.stop.set()  # (the retries' pauses cut short)
+    tries = []
+    real = uplink.reapply_uplink
+    monkeypatch.setattr(uplink, "reapply_uplink", lambda *a: (tries.append(a), real(*a)))
     finish_uplink(r)
+    assert len(tries) == uplink.REAPPLY_ATTEMPTS
     assert r.node.netlink.addresses("p0") == ["10.0.0.7/24"]  # what the kernel took is back
     assert r.journal.facts["uplink"] is None  # given up: nothing owed any more
     r.node.netlink.addrs["p0"] = ["10.0.0.99/24"]  # the administrator's fix
@@ -584,17 +591,61 @@ def test_what_the_kernel_keeps_refusing_is_given_up_and_never_re_applied_at_a_la
     assert r.node.netlink.addresses("p0") == ["10.0.0.99/24"]
 
 
-def test_killed_after_a_partial_re_apply_the_next_start_drops_the_save(tmp_path):
-    """The same, killed between the re-apply and the give-up: the save says which netdev it was
-    re-applied on (seen_ifindex); on that netdev it is not owed again."""
+def test_killed_after_a_refused_re_apply_the_next_start_tries_again(tmp_path):
+    """Review finding: the default route refused once (EBUSY), then SIGKILL during the VF
+    restore: the save is still owed (one attempt of REAPPLY_ATTEMPTS spent) and the next start
+    puts the route back once the kernel takes it."""
     saved = _saved_with_route()
-    saved["devs"]["p0"]["seen_ifindex"] = 21
+    saved["attempts"] = 1
     r = _fake_runner(tmp_path, saved)
     _pf_dir(tmp_path, "0000:08:00.0", "p0")
     r.node.netlink.add("p0", 21)
-    r.node.netlink.addrs["p0"] = ["10.0.0.99/24"]
     startup_uplink(r)
-    assert r.journal.facts["uplink"] is None and r.node.netlink.addresses("p0") == ["10.0.0.99/24"]
+    assert [x.dst for x in r.node.netlink.routes("p0")] == ["default"]
+    assert r.journal.facts["uplink"]["restored"] is True
+
+
+def test_a_sigterm_never_turns_the_retries_into_a_give_up(tmp_path, monkeypatch):
+    """Review finding: with a stop asked the pauses were cut to nothing and the save given up
+    in 1 ms. During a run's restore a stop leaves it owed (the next start tries again); the stop's
+    own reload (the inbox driver put back) pauses for real."""
+    monkeypatch.setattr(uplink, "RETRY_PAUSE_S", 0.01)
+    r = _fake_runner(tmp_path, _saved_with_route())
+    r.node.netlink = _RefusingRoutes()
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    r.node.netlink.add("p0", 21)
+    r.stop.set()
+    finish_uplink(r)
+    assert r.journal.facts["uplink"]["attempts"] == 1  # owed, one attempt spent
+    pauses: list[float] = []
+    monkeypatch.setattr(uplink, "_pause", lambda stop, t: pauses.append((stop, t)))
+    finish_uplink(r, stopping=True)
+    assert pauses == [(None, 0.02)]  # a pause the stop does not cut short
+    assert r.journal.facts["uplink"] is None  # then given up
+
+
+def test_a_bond_port_that_never_comes_back_has_its_part_given_up(tmp_path):
+    """Review finding: a bond over two ports, one never probes again: the save must not stay owed
+    for ever (the next reload reusing it); the port that is back has its configuration, the
+    other's is given up (logged) and the save ends."""
+    p1 = dict(SAVED_PF, pci="0000:08:00.1", ifindex=8, addresses=[], mtu=9000)
+    saved = {"route_dev": "bond0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0",
+             "pfs": {"p0": "0000:08:00.0", "p1": "0000:08:00.1"},
+             "devs": {"p0": dict(SAVED_PF, addresses=[]), "p1": p1,
+                      "bond0": {"pci": None, "addresses": ["10.0.0.7/24"], "routes": [],
+                                "mtu": None, "up": True, "master": None}},
+             "applied": [], "restored": False}
+    r = _fake_runner(tmp_path, saved)
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    _pf_dir(tmp_path, "0000:08:00.1", None)
+    r.node.netlink.add("p0", 21)
+    r.node.netlink.add("bond0", 30)
+    r.restore_waited = {"0000:08:00.0", "0000:08:00.1"}  # the VF restore waited its deadline
+    finish_uplink(r)
+    assert r.node.netlink.link("p0").mtu == 9000
+    assert r.node.netlink.addresses("bond0") == ["10.0.0.7/24"]
+    assert r.journal.facts["uplink"]["restored"] is True
+    assert "p1" not in r.journal.facts["uplink"]["devs"]
 
 
 def test_a_save_of_the_previous_version_is_owed_only_if_a_reload_followed_it(tmp_path):
@@ -640,8 +691,12 @@ def test_a_re_apply_never_raises_into_the_restore(tmp_path):
     r.node.netlink = Broken()
     _pf_dir(tmp_path, "0000:08:00.0", "p0")
     r.node.netlink.add("p0", 21)
-    reapply_uplink(r, "0000:08:00.0")  # logged, not raised
-    assert r.journal.facts["uplink"]["restored"] is False
+    with structlog.testing.capture_logs() as logged:
+        r.log = structlog.get_logger("test")
+        reapply_uplink(r, "0000:08:00.0")  # logged, not raised
+    assert r.journal.facts["uplink"]["applied"] == [] and not r.journal.facts["uplink"]["restored"]
+    assert [x["error"] for x in logged if x["event"] == "uplink.not_restored"] == [
+        "RuntimeError: netlink surprise"]
 
 
 def test_killed_after_the_reload_the_next_start_puts_the_uplink_back_before_anything(make_node):

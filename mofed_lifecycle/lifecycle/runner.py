@@ -89,7 +89,6 @@ class Runner:
         self.crash_at = os.environ.get(CRASH_AT_ENV, "")
         self.swap_failed = False  # a step of the swap failed: unblacklist, then fail
         self.restore_waited: set[str] = set()  # PFs a VF restore waited for (their netdevs)
-        self.uplink_tried = False  # this run re-applied the saved uplink on its PFs' netdevs
         self.record_damaged: str | None = None  # the journal and its copy are unreadable
         # sd_notify (STATUS=, READY=1, STOPPING=1, WATCHDOG=1), heartbeat.json, metrics
         self.telemetry = Telemetry(p, config, self.journal,
@@ -251,7 +250,7 @@ class Runner:
             return Outcome.OK
         if state is State.PROVISION:  # a new cycle
             self.failed_in = None
-            self.restore_waited = set()  # (uplink_tried is this process's, across cycles)
+            self.restore_waited = set()
         try:
             return STEPS[state](self)
         except (StepFailed, ModuleCommandError, CommandTimeout, OSError) as e:

@@ -364,7 +364,7 @@ def restore_inbox_driver(r: Runner) -> None:
         r.log.error("inbox_restore.vfs_not_restored", error=str(e),
                        next="the next start restores the VFs still owed")
     finally:
-        finish_uplink(r)
+        finish_uplink(r, stopping=True)
 
 
 Step = Callable[["Runner"], Outcome]

@@ -13,6 +13,7 @@ directly on a PF dies with it and is not recreated: under `restore` that reload 
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +25,10 @@ from ..host.node import Tools
 from ..sriov.snapshot import netdev_of
 from .machine import Outcome
 from .uplink_apply import (
+    REAPPLY_ATTEMPTS,
     drop_save,
     give_up,
+    give_up_pfs,
     owed,
     pf_entries,
     pfs_present,
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from .runner import Runner
 
 PROGRESS_EVERY_S = 10.0
-REAPPLY_ATTEMPTS = 3  # the kernel refused part of it: tried again after 1 s, 2 s
+RETRY_PAUSE_S = 1.0  # before the 2nd pass over what the kernel refused; x2 before the 3rd
 __all__ = ["check_uplink", "finish_uplink", "reapply_uplink", "startup_uplink"]
 
 
@@ -86,7 +89,7 @@ def check_uplink(r: Runner) -> Outcome | None:
         refusal = (f"{what} (UPLINK_POLICY=refuse)",
                    "move the management network off the ConnectX PFs, or set UPLINK_POLICY="
                    "restore (its addresses and routes re-applied as soon as the PF is back)")
-    elif policy == "restore" and found.dies_with_pf and kept is None:
+    elif policy == "restore" and found.dies_with_pf:
         refusal = (f"{what}, and {', '.join(found.dies_with_pf)} is stacked on the PF (a VLAN "
                    "or macvlan): destroyed with it, and not recreated by the daemon",
                    "move the management network off the ConnectX PFs, or set UPLINK_POLICY="
@@ -135,7 +138,7 @@ def _reload_again(r: Runner, kept: dict[str, Any] | None) -> None:
     """A reload goes ahead with a save kept from an earlier one: all of it is owed again (this
     reload takes down what the last one had put back)."""
     if kept is not None:
-        kept["applied"] = []
+        kept["applied"], kept["attempts"] = [], 0
         if not r.journal.commit(uplink=kept):
             r.require_saved("the uplink's configuration cannot be saved, nothing was touched")
     return None
@@ -150,59 +153,85 @@ def startup_uplink(r: Runner) -> None:
         return
     try:
         if not taken_down(r, saved):
-            drop_save(r, saved, "saved before a reload that did not happen (or was re-applied)")
+            drop_save(r, saved, "saved before a reload that did not happen")
         elif pfs_present(r, saved):
             reapply_uplink(r)
+            if (saved := owed(r)) is not None and saved.get("attempts", 0) >= REAPPLY_ATTEMPTS:
+                give_up(r, saved, f"the kernel refused it {REAPPLY_ATTEMPTS} times")
     except Exception as e:  # noqa: BLE001 - logged with what to do; the start goes on
         r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
                     next="put it back by hand; the saved configuration is in the journal")
 
 
-def finish_uplink(r: Runner) -> None:
-    """After the restore (whatever it did, even nothing) and on a refused re-check: a saved
-    uplink still owed is put back. Its PFs that no VF restore waited for (a restart after a crash
-    with no VF owed, a PF without VFs) are waited for, by netdev events, within
-    VF_RESTORE_TIMEOUT_SEC, while the NIC driver is loaded and no stop is asked. What the kernel
-    refuses on the PFs' netdevs is retried (REAPPLY_ATTEMPTS), then given up (logged, dropped).
-    Never raises (the uplink is the node's, not a reason to fail the driver)."""
+def finish_uplink(r: Runner, *, stopping: bool = False) -> None:
+    """After the restore (whatever it did, even nothing), on a refused re-check and after the
+    stop's reload (`stopping`: its waits are not cut short by the stop): a saved uplink still
+    owed is put back. Its PFs that no VF restore waited for (a restart after a crash with no VF
+    owed, a PF without VFs) are waited for, by netdev events, within VF_RESTORE_TIMEOUT_SEC, while
+    the NIC driver is loaded; a PF still not back then has its part given up. What the kernel
+    refuses is tried again (1 s, 2 s; REAPPLY_ATTEMPTS passes, counted across restarts), then
+    given up. Never raises (the uplink is the node's, not a reason to fail the driver)."""
     saved = owed(r)
     if saved is None:
         return
     try:
-        if not taken_down(r, saved, since_reapply=not getattr(r, "uplink_tried", False)):
-            drop_save(r, saved, "saved before a reload that did not happen (or was re-applied)")
+        if not taken_down(r, saved):
+            drop_save(r, saved, "saved before a reload that did not happen")
             return
+        if "mlx5_core" not in read_module_facts(r.node.paths):
+            return  # (a failed swap left no NIC driver: owed, put back after the next reload)
         pcis = sorted({pci for pci, _ in pf_entries(saved)} - set(r.restore_waited))
-        if pcis and "mlx5_core" in read_module_facts(r.node.paths):
-            _wait_for_pfs(r, pcis, r.config.vf_restore_timeout_s)
-        for attempt in range(1, REAPPLY_ATTEMPTS + 1):
+        if pcis:
+            _wait_for_pfs(r, pcis, r.config.vf_restore_timeout_s, None if stopping else r.stop)
+        missing = [p for p, _ in pf_entries(saved) if netdev_of(r.node.paths, p) is None]
+        if missing:  # waited for (here, or by the VF restore) until its deadline
+            if stopping or r.stop.is_set():
+                return  # (or cut short: owed, the next start goes on)
+            give_up_pfs(r, saved, missing)
+        while (saved := owed(r)) is not None and pfs_present(r, saved):
+            before = int(saved.get("attempts") or 0)
             reapply_uplink(r)
-            if (saved := owed(r)) is None or not pfs_present(r, saved):
-                return  # back; or a PF is not: owed, re-applied when it is (restore, next start)
-            if attempt < REAPPLY_ATTEMPTS:  # no event says the kernel would take it now
-                r.stop.wait(attempt)
-        give_up(r, saved)
+            if (saved := owed(r)) is None:
+                return
+            attempts = int(saved.get("attempts") or 0)
+            if attempts == before:  # nothing refused: what is left has no netdev (a bond gone)
+                give_up(r, saved, "what is left of it has no netdev now (see uplink.not_back)")
+                return
+            if attempts >= REAPPLY_ATTEMPTS:
+                give_up(r, saved, f"the kernel refused it {attempts} times")
+                return
+            if r.stop.is_set() and not stopping:
+                return  # owed: the next start tries again
+            _pause(None if stopping else r.stop, attempts * RETRY_PAUSE_S)
     except Exception as e:  # noqa: BLE001 - logged with what to do; the node stays served
         r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
                     next="put it back by hand; the saved configuration is in the journal")
 
 
-def _wait_for_pfs(r: Runner, pcis: list[str], deadline_s: float) -> None:
+def _pause(stop: threading.Event | None, seconds: float) -> None:
+    """No event says the kernel would take it now: a bounded pause (cut short by `stop`)."""
+    (stop or threading.Event()).wait(seconds)
+
+
+def _wait_for_pfs(r: Runner, pcis: list[str], deadline_s: float,
+                  stop: threading.Event | None) -> bool:
+    """Until every PF in `pcis` has a netdev (True), the deadline or `stop` (False)."""
     events = r.node.netdev_events()  # subscribed before the check: no appearance is missed
     try:
         start = time.monotonic()
         deadline, progress = start + deadline_s, start + PROGRESS_EVERY_S
         while missing := [p for p in pcis if netdev_of(r.node.paths, p) is None]:
             now = time.monotonic()
-            if now >= deadline or r.stop.is_set():
+            if now >= deadline or (stop is not None and stop.is_set()):
                 r.log.error("uplink.pf_not_back", pfs=missing, waited_s=round(now - start, 1),
-                            next="check dmesg for the PF's probe error; the uplink's saved "
-                                 "configuration is re-applied at the next start")
-                return
+                            next="check dmesg for the PF's probe error; its part of the saved "
+                                 "uplink is given up (logged) unless the wait was cut short")
+                return False
             if now >= progress:
                 r.log.info("uplink.waiting", pfs=missing, waited_s=round(now - start, 1),
                            deadline_s=deadline_s)
                 progress = now + PROGRESS_EVERY_S
             events.poll(min(1.0, deadline - now))  # any netdev event: look again
+        return True
     finally:
         events.close()

@@ -1,10 +1,11 @@
 """The saved uplink (UPLINK_POLICY=restore, lifecycle/uplink.py): whether it is still owed, and
 putting it back on the node over netlink.
 
-A save is owed while one of its PFs has not had it re-applied on the netdev it has now: the PF's
-netdev is gone, or is a new one (another ifindex than when it was saved and than the last
-re-apply saw). A save whose PFs have the netdevs they had then was never taken down (its reload did
-not happen): it is dropped, never re-applied over what the administrator did since.
+A save is owed while one of its PFs is not on the netdev it had when saved (gone, or a new one:
+another ifindex), until it is all back. A save whose PFs have the netdevs they had then was never
+taken down (its reload did not happen): it is dropped, never re-applied over what the
+administrator did since. What the kernel refuses is tried again, REAPPLY_ATTEMPTS passes in all
+(counted in the save, across restarts), then given up: dropped, its content logged.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 _REAPPLY = threading.Lock()  # restore's PF threads call back at once
 SWAP_STATES = ("unload-aux", "reload")
+REAPPLY_ATTEMPTS = 3  # passes over what the kernel refused, across restarts, then given up
 
 
 def owed(r: Runner) -> dict[str, Any] | None:
@@ -75,19 +77,19 @@ def _swapped_since_an_earlier_preflight(r: Runner) -> bool:
     return any(s in SWAP_STATES for s in earlier[last:])
 
 
-def taken_down(r: Runner, saved: dict[str, Any], *, since_reapply: bool = True) -> bool:
-    """A PF of the save is on a netdev it has not had the save on: gone, or a new one (another
-    ifindex than when saved and, `since_reapply`, than when last re-applied)."""
+def taken_down(r: Runner, saved: dict[str, Any]) -> bool:
+    """A PF of the save is not on the netdev it had when saved: gone, or a new one (another
+    ifindex)."""
     entries = pf_entries(saved)
     for pci, want in entries:
         now = _ifindex_now(r, pci)
         if now is None:
             return True
-        if want.get("ifindex") is None and want.get("seen_ifindex") is None:
+        if want.get("ifindex") is None:
             if _swapped_since_an_earlier_preflight(r):
                 return True
             continue
-        if now not in {want.get("ifindex"), want.get("seen_ifindex") if since_reapply else None}:
+        if now != want["ifindex"]:
             return True
     return not entries
 
@@ -158,13 +160,9 @@ def _reapply(r: Runner, pci: str | None) -> None:
     missing: list[str] = []
     leased: list[str] = []
     for name, want in saved["devs"].items():
-        now = _now_name(r, saved, name, want)
-        if now is not None and pci_of(saved, name, want):
-            link = r.node.netlink.link(now)
-            want["seen_ifindex"] = link.ifindex if link else None  # re-applied on this one
-            r.uplink_tried = True
         if name in applied:
             continue
+        now = _now_name(r, saved, name, want)
         if now is None:
             missing.append(name)
             continue
@@ -174,6 +172,8 @@ def _reapply(r: Runner, pci: str | None) -> None:
         except (NetlinkError, OSError) as e:
             failed.append(f"{now}: {e}")
     saved.update(applied=applied, restored=len(applied) == len(saved["devs"]))
+    if failed and pci is None:  # a pass of the restore's end or a start: counted
+        saved["attempts"] = int(saved.get("attempts") or 0) + 1
     r.journal.set(uplink=saved)
     if leased:
         r.log.warning("uplink.lease_made_permanent", addresses=leased,
@@ -183,9 +183,10 @@ def _reapply(r: Runner, pci: str | None) -> None:
                            "networkd) renews them; with dhclient, restart it on that netdev")
     if failed:
         r.log.error("uplink.not_restored", failed=failed, not_back=missing, restored=done,
-                    next="retried a few times now; then put them back by hand (ip addr add ... "
-                         "dev X; ip route add default via ... dev X): the saved configuration "
-                         "is logged when given up")
+                    attempts=saved.get("attempts", 0), of=REAPPLY_ATTEMPTS,
+                    next="tried again (also by the next start) up to the attempts given, then "
+                         "given up with the saved configuration logged: put it back by hand "
+                         "(ip addr add ... dev X; ip route add default via ... dev X)")
     elif saved["restored"]:
         r.log.info("uplink.restored", uplink=saved["route_dev"], pfs=saved.get("pfs"),
                    applied=done)
@@ -197,12 +198,27 @@ def _reapply(r: Runner, pci: str | None) -> None:
                            "next start)")
 
 
-def give_up(r: Runner, saved: dict[str, Any]) -> None:
-    """Re-applied on the PFs' netdevs and retried, some of it still refused: dropped (never
-    retried later over what the administrator may do), its content in the log."""
+def give_up(r: Runner, saved: dict[str, Any], why: str) -> None:
+    """Dropped (never retried later over what the administrator may do), its content logged."""
     r.journal.set(uplink=None)
-    r.log.error("uplink.given_up", uplink=saved.get("route_dev"),
+    r.log.error("uplink.given_up", uplink=saved.get("route_dev"), why=why,
                 not_applied={n: w for n, w in saved["devs"].items()
                              if n not in (saved.get("applied") or [])},
-                next="the kernel refused these (see uplink.not_restored): put them back by hand "
-                     "(ip addr add CIDR dev X; ip route add ... dev X; ip link set X mtu N)")
+                next="put these back by hand (ip addr add CIDR dev X; ip route add ... dev X; "
+                     "ip link set X mtu N)")
+
+
+def give_up_pfs(r: Runner, saved: dict[str, Any], pcis: list[str]) -> None:
+    """PFs whose netdev did not come back within the wait: their part of the save is given up
+    (logged), the rest stands; a save made only of them is dropped."""
+    gone = {n: w for n, w in saved["devs"].items() if pci_of(saved, n, w) in pcis}
+    if len(gone) == len([n for n, w in saved["devs"].items() if pci_of(saved, n, w)]):
+        give_up(r, saved, f"its PFs {', '.join(pcis)} did not come back")
+        return
+    for name in gone:
+        del saved["devs"][name]
+    saved["restored"] = set(saved["devs"]) <= set(saved.get("applied") or [])
+    r.journal.set(uplink=saved)
+    r.log.error("uplink.given_up", uplink=saved.get("route_dev"),
+                why=f"PF {', '.join(pcis)} did not come back: its part is given up",
+                not_applied=gone, next="once the PF is back, put these back by hand")
