@@ -38,7 +38,7 @@ from .machine import Outcome, State
 from .preflight import plan
 from .steps_provision import preload_host_dependencies, step_provision
 from .steps_restore import pending_snapshot, restore_vfs, step_restore
-from .uplink import check_uplink, finish_uplink
+from .uplink import check_uplink, finish_uplink, reset_for_swap
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -176,6 +176,7 @@ def step_unload_aux(r: Runner) -> Outcome:
                                                                            [])])),
             not_reloaded=[]):
         r.require_saved("no module is unloaded")
+    reset_for_swap(r)  # a kept uplink save: all of it owed again after this reload
     deadline = ToolDeadline(r.config)  # however many holders, and however slow
     for name in r.preflight.unload:
         try:

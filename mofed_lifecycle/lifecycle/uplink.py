@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 PROGRESS_EVERY_S = 10.0
 RETRY_PAUSE_S = 1.0  # before the 2nd pass over what the kernel refused; x2 before the 3rd
-__all__ = ["check_uplink", "finish_uplink", "reapply_uplink", "startup_uplink"]
+__all__ = ["check_uplink", "finish_uplink", "reapply_uplink", "reset_for_swap",
+           "startup_uplink"]
 
 
 def find_uplink(r: Runner) -> UplinkPath | None:
@@ -137,11 +138,17 @@ def check_uplink(r: Runner) -> Outcome | None:
 def _reload_again(r: Runner, kept: dict[str, Any] | None) -> None:
     """A reload goes ahead with a save kept from an earlier one: all of it is owed again (this
     reload takes down what the last one had put back)."""
-    if kept is not None:
+    return None  # (its progress is reset when the swap starts: reset_for_swap)
+
+
+def reset_for_swap(r: Runner) -> None:
+    """The swap starts (before the first unload): a save kept from an earlier reload is owed in
+    full again, this reload takes down what the last one had put back (reset here, not at
+    preflight: a run that stops before the swap must not make the save re-apply again)."""
+    if (kept := owed(r)) is not None and (kept.get("applied") or kept.get("attempts")):
         kept["applied"], kept["attempts"] = [], 0
         if not r.journal.commit(uplink=kept):
-            r.require_saved("the uplink's configuration cannot be saved, nothing was touched")
-    return None
+            r.require_saved("no module is unloaded")
 
 
 def startup_uplink(r: Runner) -> None:
@@ -154,7 +161,7 @@ def startup_uplink(r: Runner) -> None:
     try:
         if not taken_down(r, saved):
             drop_save(r, saved, "saved before a reload that did not happen")
-        elif pfs_present(r, saved):
+        elif _any_pf_present(r, saved):  # what is back (a bond's port that is) goes back now
             reapply_uplink(r)
             if (saved := owed(r)) is not None and saved.get("attempts", 0) >= REAPPLY_ATTEMPTS:
                 give_up(r, saved, f"the kernel refused it {REAPPLY_ATTEMPTS} times")
@@ -180,9 +187,18 @@ def finish_uplink(r: Runner, *, stopping: bool = False) -> None:
             return
         if "mlx5_core" not in read_module_facts(r.node.paths):
             return  # (a failed swap left no NIC driver: owed, put back after the next reload)
-        pcis = sorted({pci for pci, _ in pf_entries(saved)} - set(r.restore_waited))
-        if pcis:
-            _wait_for_pfs(r, pcis, r.config.vf_restore_timeout_s, None if stopping else r.stop)
+        if _any_pf_present(r, saved) and not pfs_present(r, saved):
+            reapply_uplink(r)  # what is back goes back before any wait (a bond's other port)
+            if (saved := owed(r)) is None:
+                return
+        pcis = sorted({p for p, _ in pf_entries(saved) if netdev_of(r.node.paths, p) is None}
+                      - set(r.restore_waited))
+        # (not on the stop: its grace period has no room for a second wait)
+        if pcis and not stopping and not _wait_for_pfs(r, pcis, r.config.vf_restore_timeout_s,
+                                                       r.stop) and r.stop.is_set():
+            return  # cut short: owed, the next start goes on
+        if (saved := owed(r)) is None:
+            return
         missing = [p for p, _ in pf_entries(saved) if netdev_of(r.node.paths, p) is None]
         if missing:  # waited for (here, or by the VF restore) until its deadline
             if stopping or r.stop.is_set():
@@ -206,6 +222,10 @@ def finish_uplink(r: Runner, *, stopping: bool = False) -> None:
     except Exception as e:  # noqa: BLE001 - logged with what to do; the node stays served
         r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
                     next="put it back by hand; the saved configuration is in the journal")
+
+
+def _any_pf_present(r: Runner, saved: dict[str, Any]) -> bool:
+    return any(netdev_of(r.node.paths, p) is not None for p, _ in pf_entries(saved))
 
 
 def _pause(stop: threading.Event | None, seconds: float) -> None:

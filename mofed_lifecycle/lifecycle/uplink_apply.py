@@ -148,11 +148,17 @@ def reapply_uplink(r: Runner, pci: str | None = None) -> None:
             r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
                         next="put it back by hand (ip addr add ... dev X; ip route add default "
                              "via ... dev X); the saved configuration is in the journal's uplink")
+            saved = r.journal.facts.get("uplink")
+            if pci is None and isinstance(saved, dict):  # a pass that failed: counted
+                saved["attempts"] = int(saved.get("attempts") or 0) + 1
+                r.journal.set(uplink=saved)
 
 
 def _reapply(r: Runner, pci: str | None) -> None:
     saved = owed(r)
-    if saved is None or (pci is not None and pci not in {p for p, _ in pf_entries(saved)}):
+    pcis = {p for p, _ in pf_entries(saved)} | set((saved.get("pfs") or {}).values()) | {
+        saved.get("pf_pci")} if saved else set()
+    if saved is None or (pci is not None and pci not in pcis):
         return
     applied: list[str] = list(saved.get("applied") or [])
     done: list[str] = []
