@@ -769,3 +769,24 @@ def test_a_save_of_the_previous_version_is_re_applied_when_its_pf_is_back(tmp_pa
     reapply_uplink(r, "0000:08:00.0")
     assert r.node.netlink.addresses("p0") == ["10.0.0.7/24"]
     assert r.journal.facts["uplink"]["restored"] is True
+
+
+def test_a_legacy_save_found_owed_stays_owed_when_the_history_moves_on(tmp_path):
+    """Review finding: a save of the previous version, judged owed by the history (a reload after
+    its preflight); a later run's preflight without a swap must not turn that into "never
+    taken down"."""
+    legacy = {"route_dev": "p0", "pf_netdev": "p0", "pf_pci": "0000:08:00.0", "restored": False,
+              "devs": {"p0": {"addresses": ["10.0.0.7/24"], "routes": [], "mtu": None,
+                              "up": True, "master": None}}}
+    r = _fake_runner(tmp_path, legacy)
+    r.journal.history = [{"state": "preflight", "at": 1.0}, {"state": "reload", "at": 2.0}]
+    r.journal.run_started = 10.0
+    _pf_dir(tmp_path, "0000:08:00.0", None)  # the PF not back at this start
+    startup_uplink(r)
+    # a run that got to preflight and was stopped before its swap; then a new start
+    r.journal.history += [{"state": "preflight", "at": 11.0}, {"state": "stopping", "at": 12.0}]
+    r.journal.run_started = 20.0
+    _pf_dir(tmp_path, "0000:08:00.0", "p0")
+    r.node.netlink.add("p0", 21)
+    startup_uplink(r)
+    assert r.node.netlink.addresses("p0") == ["10.0.0.7/24"]

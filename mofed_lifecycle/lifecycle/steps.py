@@ -336,6 +336,8 @@ def restore_inbox_driver(r: Runner) -> None:
     try:
         refused = check_uplink(r) is not None  # the uplink on a PF, UPLINK_POLICY=refuse (a VLAN)
         why = r.journal.facts.get("reason")
+        if not refused:
+            reset_for_swap(r)  # a kept save: this reload takes down what was put back
     except Exception as e:  # noqa: BLE001 - (its save failed): no reload, the stop goes on
         refused, why = True, f"the uplink could not be checked or saved: {e}"
     if refused:

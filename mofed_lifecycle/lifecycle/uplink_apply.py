@@ -81,15 +81,16 @@ def taken_down(r: Runner, saved: dict[str, Any]) -> bool:
     """A PF of the save is not on the netdev it had when saved: gone, or a new one (another
     ifindex)."""
     entries = pf_entries(saved)
+    legacy = [w for _, w in entries if w.get("ifindex") is None]  # the previous version's
+    if legacy and _swapped_since_an_earlier_preflight(r):
+        for w in legacy:  # decided once, and recorded (-1: no netdev has it): the history
+            w["ifindex"] = -1  # moves on, this answer must not
+        r.journal.set(uplink=saved)
     for pci, want in entries:
         now = _ifindex_now(r, pci)
         if now is None:
             return True
-        if want.get("ifindex") is None:
-            if _swapped_since_an_earlier_preflight(r):
-                return True
-            continue
-        if now != want["ifindex"]:
+        if want.get("ifindex") is not None and now != want["ifindex"]:
             return True
     return not entries
 
