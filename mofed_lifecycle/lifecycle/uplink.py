@@ -29,6 +29,7 @@ from .uplink_apply import (
     drop_save,
     give_up,
     give_up_pfs,
+    missing_pfs,
     owed,
     pf_entries,
     pfs_present,
@@ -78,7 +79,6 @@ def check_uplink(r: Runner) -> Outcome | None:
     if found is None:
         if kept is None:
             r.journal.set(uplink=None)
-        _reload_again(r, kept)
         return None
     policy = r.config.uplink_policy
     dev, pcis = found.route_dev, sorted(set(found.pfs.values()))
@@ -106,10 +106,8 @@ def check_uplink(r: Runner) -> Outcome | None:
                       next="UPLINK_POLICY=ignore: nothing puts its addresses and routes back")
         if kept is None:
             r.journal.set(uplink=None)
-        _reload_again(r, kept)
         return None
-    if kept is not None:
-        _reload_again(r, kept)
+    if kept is not None:  # (all of it owed again once the swap starts: reset_for_swap)
         return None
     pf, pci = found.first
     devs = {name: _save(r, name, p) for name, p in found.pfs.items()}
@@ -135,12 +133,6 @@ def check_uplink(r: Runner) -> Outcome | None:
     return None
 
 
-def _reload_again(r: Runner, kept: dict[str, Any] | None) -> None:
-    """A reload goes ahead with a save kept from an earlier one: all of it is owed again (this
-    reload takes down what the last one had put back)."""
-    return None  # (its progress is reset when the swap starts: reset_for_swap)
-
-
 def reset_for_swap(r: Runner) -> None:
     """The swap starts (before the first unload): a save kept from an earlier reload is owed in
     full again, this reload takes down what the last one had put back (reset here, not at
@@ -161,7 +153,7 @@ def startup_uplink(r: Runner) -> None:
     try:
         if not taken_down(r, saved):
             drop_save(r, saved, "saved before a reload that did not happen")
-        elif _any_pf_present(r, saved):  # what is back (a bond's port that is) goes back now
+        elif len(missing_pfs(r, saved)) < len(pf_entries(saved)):  # what is back goes back
             reapply_uplink(r)
             if (saved := owed(r)) is not None and saved.get("attempts", 0) >= REAPPLY_ATTEMPTS:
                 give_up(r, saved, f"the kernel refused it {REAPPLY_ATTEMPTS} times")
@@ -187,20 +179,18 @@ def finish_uplink(r: Runner, *, stopping: bool = False) -> None:
             return
         if "mlx5_core" not in read_module_facts(r.node.paths):
             return  # (a failed swap left no NIC driver: owed, put back after the next reload)
-        if _any_pf_present(r, saved) and not pfs_present(r, saved):
+        if 0 < len(missing_pfs(r, saved)) < len(pf_entries(saved)):
             reapply_uplink(r)  # what is back goes back before any wait (a bond's other port)
             if (saved := owed(r)) is None:
                 return
-        pcis = sorted({p for p, _ in pf_entries(saved) if netdev_of(r.node.paths, p) is None}
-                      - set(r.restore_waited))
+        pcis = sorted(set(missing_pfs(r, saved)) - set(r.restore_waited))
         # (not on the stop: its grace period has no room for a second wait)
         if pcis and not stopping and not _wait_for_pfs(r, pcis, r.config.vf_restore_timeout_s,
                                                        r.stop) and r.stop.is_set():
             return  # cut short: owed, the next start goes on
         if (saved := owed(r)) is None:
             return
-        missing = [p for p, _ in pf_entries(saved) if netdev_of(r.node.paths, p) is None]
-        if missing:  # waited for (here, or by the VF restore) until its deadline
+        if missing := missing_pfs(r, saved):  # waited for (here, or by the VF restore)
             if stopping or r.stop.is_set():
                 return  # (or cut short: owed, the next start goes on)
             give_up_pfs(r, saved, missing)
@@ -222,10 +212,6 @@ def finish_uplink(r: Runner, *, stopping: bool = False) -> None:
     except Exception as e:  # noqa: BLE001 - logged with what to do; the node stays served
         r.log.error("uplink.not_restored", error=f"{type(e).__name__}: {e}",
                     next="put it back by hand; the saved configuration is in the journal")
-
-
-def _any_pf_present(r: Runner, saved: dict[str, Any]) -> bool:
-    return any(netdev_of(r.node.paths, p) is not None for p, _ in pf_entries(saved))
 
 
 def _pause(stop: threading.Event | None, seconds: float) -> None:

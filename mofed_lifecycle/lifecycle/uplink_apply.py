@@ -95,8 +95,13 @@ def taken_down(r: Runner, saved: dict[str, Any]) -> bool:
     return not entries
 
 
+def missing_pfs(r: Runner, saved: dict[str, Any]) -> list[str]:
+    """The save's PFs (PCI addresses) that have no netdev now."""
+    return [pci for pci, _ in pf_entries(saved) if _ifindex_now(r, pci) is None]
+
+
 def pfs_present(r: Runner, saved: dict[str, Any]) -> bool:
-    return all(_ifindex_now(r, pci) is not None for pci, _ in pf_entries(saved))
+    return not missing_pfs(r, saved)
 
 
 def _now_name(r: Runner, saved: dict[str, Any], name: str, want: dict[str, Any]) -> str | None:
