@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..host.commands import CommandTimeout
-from ..host.files import InstanceLock
+from ..host.files import InstanceLock, read_value
 from ..host.headers_mount import headers_target, mount_points
 from ..host.modules import loaded_srcversions, read_module_facts
 from ..host.node import Tools
@@ -30,13 +30,6 @@ MSTCONFIG_TIMEOUT_S = 30.0
 TRANSLATED_LINE = re.compile(r"Default domain type: \w+")
 
 
-def _read(p: Path) -> str:
-    try:
-        return p.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def pci_functions(tools: Tools) -> list[tuple[str, Path]]:
     base = tools.paths.resolve("/sys/bus/pci/devices")
     return sorted((d.name, d) for d in base.iterdir()) if base.is_dir() else []
@@ -46,16 +39,17 @@ def connectx_devices(tools: Tools) -> tuple[list[Device], list[str], dict[str, P
     """(ConnectX functions, GPU PCI addresses, ConnectX PFs: pci -> sysfs dir)."""
     devices, gpus, pfs = [], [], {}
     for pci, d in pci_functions(tools):
-        vendor = _read(d / "vendor")
-        if vendor == NVIDIA and _read(d / "class").startswith("0x03"):
+        vendor = read_value(d / "vendor")
+        if vendor == NVIDIA and read_value(d / "class").startswith("0x03"):
             gpus.append(pci)
         if vendor != MELLANOX:
             continue
         net = d / "net"
         netdevs = tuple(sorted(n.name for n in net.iterdir())) if net.is_dir() else ()
-        link = "infiniband" if netdevs and _read(net / netdevs[0] / "type") == "32" else "ether"
+        ib = netdevs and read_value(net / netdevs[0] / "type") == "32"
+        link = "infiniband" if ib else "ether"
         drv = d / "driver"
-        devices.append(Device(pci, "15b3", _read(d / "device").removeprefix("0x"),
+        devices.append(Device(pci, "15b3", read_value(d / "device").removeprefix("0x"),
                               drv.readlink().name if drv.is_symlink() else None, netdevs, link,
                               pf=not (d / "physfn").exists()))
         if not (d / "physfn").exists():  # a PF, SR-IOV on (sriov_totalvfs) or not
@@ -88,7 +82,7 @@ def firmware(tools: Tools, pfs: dict[str, Path], wanted: dict[str, int]) -> list
             words = line.replace("*", " ").split()  # name, [Default,] Current, Next Boot
             if len(words) >= 3 and words[0] in ("NUM_OF_VFS", "SRIOV_EN"):
                 cols[words[0]] = (words[-2], words[-1])
-        want = max(wanted.get(pci, 0), int(_read(d / "sriov_numvfs") or 0))
+        want = max(wanted.get(pci, 0), int(read_value(d / "sriov_numvfs") or 0))
         n = [_mst_int(v) for v in cols.get("NUM_OF_VFS", ())]
         en = [_mst_int(v) for v in cols.get("SRIOV_EN", ())]
         out.append(PfFirmware(
@@ -118,10 +112,11 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
     f.connectx, f.gpus, pfs = connectx_devices(tools)
     groups = p.resolve("/sys/kernel/iommu_groups")
     if groups.is_dir():
-        f.iommu_types = [(str(p.node_path(t)), _read(t)) for t in sorted(groups.glob("*/type"))]
-    f.cmdline = _read(p.resolve("/proc/cmdline"))
+        f.iommu_types = [(str(p.node_path(t)), read_value(t))
+                         for t in sorted(groups.glob("*/type"))]
+    f.cmdline = read_value(p.resolve("/proc/cmdline"))
     for log in ("/var/log/dmesg", "/var/log/kern.log"):  # this boot's, then the journal's
-        lines = TRANSLATED_LINE.findall(_read(p.resolve(log)))
+        lines = TRANSLATED_LINE.findall(read_value(p.resolve(log)))
         if lines:  # the last: kern.log keeps earlier boots' lines too
             f.boot_domain = (log, lines[-1])
             break
@@ -140,7 +135,7 @@ def gather(tools: Tools, config: Config, rdma_config: Path | None = None, *,
                 firmware_cache[key] = f.firmware
     if rdma_config is not None:
         f.rdma_file = str(rdma_config)
-        f.rdma_problems = check(_read(rdma_config) if rdma_config.exists() else "", f.connectx)
+        f.rdma_problems = check(read_value(rdma_config) if rdma_config.exists() else "", f.connectx)
     facts = read_module_facts(p)
     # what the daemon's own preflight would refuse a reload for (so an unknown holder, a
     # storage module with a mount on it, ... are named too), by the holder's category

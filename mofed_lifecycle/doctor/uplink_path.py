@@ -13,17 +13,11 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..host.files import read_value
 from ..host.node import Tools
 from .rdma_config import Device
 
 RTF_ADDRCONF = 0x00040000  # a route from an IPv6 router advertisement
-
-
-def _read(p: Path) -> str:
-    try:
-        return p.read_text(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 @dataclass(frozen=True)
@@ -44,11 +38,11 @@ class UplinkPath:
 def default_route(tools: Tools) -> tuple[str, str, bool] | None:
     """(the default route's netdev, the file that says so, whether it is an IPv6 router
     advertisement's): IPv4's (/proc/net/route), else IPv6's (/proc/net/ipv6_route)."""
-    for line in _read(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
+    for line in read_value(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
         f = line.split()
         if len(f) > 7 and f[1] == "00000000" and f[7] == "00000000":
             return f[0], "/proc/net/route", False
-    for line in _read(tools.paths.resolve("/proc/net/ipv6_route")).splitlines():
+    for line in read_value(tools.paths.resolve("/proc/net/ipv6_route")).splitlines():
         f = line.split()  # dst, dst len, src, src len, next hop, metric, refcnt, use, flags, dev
         if len(f) == 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
             try:
@@ -73,13 +67,13 @@ def node_ip_dev(tools: Tools, node_ip: str) -> tuple[str, str] | None:
     except ValueError:
         return None
     if ip.version == 6:
-        for line in _read(tools.paths.resolve("/proc/net/if_inet6")).splitlines():
+        for line in read_value(tools.paths.resolve("/proc/net/if_inet6")).splitlines():
             f = line.split()  # address, ifindex, prefix length, scope, flags, name
             if len(f) == 6 and f[0].lower() == ip.exploded.replace(":", ""):
                 return f[5], "/proc/net/if_inet6"
         return None
     best: tuple[int, str] | None = None
-    for line in _read(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
+    for line in read_value(tools.paths.resolve("/proc/net/route")).splitlines()[1:]:
         f = line.split()
         try:  # the kernel prints them in host (little-endian) byte order
             dst, gw, mask = (ipaddress.IPv4Address(bytes.fromhex(x)[::-1]) for x in

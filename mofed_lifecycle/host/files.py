@@ -68,6 +68,20 @@ def remove_file(path: Path) -> bool:
     return True
 
 
+def read_text_or_empty(path: Path) -> str:
+    """A file's text, "" where it cannot be read (absent, a sysfs file gone with its device, no
+    permission): for reads whose absence is itself the answer."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def read_value(path: Path) -> str:
+    """A sysfs or /proc value, stripped; "" where it cannot be read."""
+    return read_text_or_empty(path).strip()
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON document at `path`, or None if it is absent or unreadable (a torn legacy file)."""
     try:

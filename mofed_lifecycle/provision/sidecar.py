@@ -21,12 +21,11 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from ..config_values import seconds_in
 from ..host.commands import Commands, CommandStopped, CommandTimeout
-from ..host.files import atomic_write_json, atomic_write_text
+from ..host.files import atomic_write_json, atomic_write_text, read_text_or_empty
 from ..host.inotify import FileWatcher
 from ..host.paths import NodePaths
 from ..log import get_logger
@@ -163,7 +162,7 @@ class Sidecar:
             watcher.close()
 
     def build_once(self) -> None:
-        env_file = parse_env_file(_read(self.shared / DTK_ENV))
+        env_file = parse_env_file(read_text_or_empty(self.shared / DTK_ENV))
         version = env_file.get("DTK_OCP_COMPILED_DRIVER_VER") or env_file.get(
             "NVIDIA_NIC_DRIVER_VER") or ""
         if "MOFED_LIFECYCLE_APPEND_FLAGS" in env_file:  # ours: the user's flags alone
@@ -172,7 +171,7 @@ class Sidecar:
             flags = strip_kernel_flags(env_file.get("APPEND_DRIVER_BUILD_FLAGS", ""))
         nfsrdma = env_file.get("ENABLE_NFSRDMA", "false") == "true"
         timeout_s = float(env_file.get("BUILD_TIMEOUT_SEC") or 3600)
-        config = _read(self.shared / DTK_BUILDCONFIG)
+        config = read_text_or_empty(self.shared / DTK_BUILDCONFIG)
         self.fingerprint = hashlib.sha256(config.encode()).hexdigest()[:16] if config else None
         source = self.shared / f"MLNX_OFED_SRC-{version}"
         log_path = self.shared / "dtk_build.log"
@@ -201,7 +200,7 @@ class Sidecar:
             return
         except (ProvisionError, CommandTimeout, OSError) as e:
             atomic_write_json(self.shared / DTK_FAILED, {
-                "error": str(e), "log": str(log_path), "tail": tail(_read(log_path)),
+                "error": str(e), "log": str(log_path), "tail": tail(read_text_or_empty(log_path)),
                 "time": time.time(), "version": version})
             (self.shared / START_FLAG).unlink(missing_ok=True)
             self.set_phase("failed", error=str(e), log=str(log_path),
@@ -251,10 +250,4 @@ def run_sidecar(paths: NodePaths, env: Mapping[str, str], commands: Commands) ->
     finally:
         signals.uninstall()
 
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 

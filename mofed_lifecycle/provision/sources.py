@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from ..host.commands import Commands, CommandTimeout
+from ..host.files import read_text_or_empty
 from ..host.paths import NodePaths
 from ..log import get_logger
 from .inventory import ProvisionError, find_packages
@@ -63,19 +64,12 @@ def build_locally(paths: NodePaths, source: Path, kernel: str, append_flags: str
                                  progress_s=progress_s, what="build the driver", cwd=source)
     except CommandTimeout as e:
         raise ProvisionError(f"{e} (BUILD_TIMEOUT_SEC); its log: {log_path}; last lines:\n"
-                             f"{tail(_read(log_path))}") from None
+                             f"{tail(read_text_or_empty(log_path))}") from None
     if rc != 0:
         raise ProvisionError(f"the driver build failed (install.pl exited {rc}); its log: "
-                             f"{log_path}; last lines:\n{tail(_read(log_path))}")
+                             f"{log_path}; last lines:\n{tail(read_text_or_empty(log_path))}")
     packages = find_packages(source)
     if not packages:
         raise ProvisionError(f"install.pl succeeded but left no package under {source}/DEBS "
                              f"or RPMS; its log: {log_path}")
     return packages
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
